@@ -1,0 +1,251 @@
+//! Command-line interface: subcommands, logging set-up, signal handling and exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use shuyuan::config::{self, ConfigError};
+
+/// Exit code for a configuration that cannot be used (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+const DEFAULT_LOG: &str = "info";
+
+#[derive(Parser)]
+#[command(
+    name = "shuyuan",
+    version,
+    about = "Shuyuan (数源) edge gateway: collect, de-identify, seal and push public-utility data"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway daemon.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0, or print FILE:LINE:COL: problems and exit 64.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a simulated pump station, a receiver and the gateway, all on loopback.
+    Demo {
+        /// How long to run (Ctrl-C stops earlier).
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Keep certificates, SQLite files and receiver output in this directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Run the reference platform receiver.
+    Receive {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Serve simulated Modbus TCP devices, to try a config without hardware.
+    Simulate {
+        /// Number of devices, on consecutive ports from --listen.
+        #[arg(long, default_value_t = 1)]
+        devices: u16,
+        /// Address of the first device (port 0 picks free ports).
+        #[arg(long, default_value = "127.0.0.1:5020")]
+        listen: std::net::SocketAddr,
+        /// pump: the demo's pump station; load: 100 changing holding registers.
+        #[arg(long, value_enum, default_value_t = Profile::Pump)]
+        profile: Profile,
+    },
+    /// Certificates and keys.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Profile {
+    Pump,
+    Load,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a development PKI: CA, platform server cert, gateway and health client certs,
+    /// and the platform's HPKE key pair (private keys 0600).
+    DevPki {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "GW-DEV-0001")]
+        gateway_id: String,
+        /// Extra DNS names or IPs for the platform server certificate.
+        #[arg(long)]
+        host: Vec<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own progress; its log shows only what needs attention.
+    let default = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        DEFAULT_LOG
+    };
+    init_logging(cli.log_format, default);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(ConfigError::Invalid { problems }) = e.downcast_ref::<ConfigError>() {
+                for p in problems {
+                    eprintln!("{p}");
+                }
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHUYUAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A token that fires on SIGTERM or SIGINT.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Check { config } => {
+            let loaded = config::load(&config)?;
+            for w in &loaded.warnings {
+                eprintln!("{w}");
+            }
+            println!(
+                "{}: OK ({} sources, {} policies)",
+                config.display(),
+                loaded.config.sources.len(),
+                loaded.config.policies.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config } => {
+            let loaded = config::load(&config)?;
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            runtime()?.block_on(async {
+                let stop = shutdown_on_signals()?;
+                shuyuan::daemon::run(&loaded.config, stop, Default::default()).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { seconds, dir } => {
+            runtime()?.block_on(async {
+                let stop = shutdown_on_signals()?;
+                shuyuan::demo::run(shuyuan::demo::DemoOptions { seconds, dir }, stop).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Receive { config } => {
+            let cfg = shuyuan::receiver::ReceiverConfig::load(&config)?;
+            runtime()?.block_on(async {
+                let stop = shutdown_on_signals()?;
+                let r = shuyuan::receiver::Receiver::bind(&cfg).await?;
+                tracing::info!(addr = %r.local_addr()?, out = %cfg.out_dir.display(), "receiver listening");
+                r.serve(stop).await;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate {
+            devices,
+            listen,
+            profile,
+        } => {
+            runtime()?.block_on(async {
+                let stop = shutdown_on_signals()?;
+                let (make, step): (
+                    fn() -> std::sync::Arc<shuyuan::sim::Device>,
+                    fn(&shuyuan::sim::Device, u64),
+                ) = match profile {
+                    Profile::Pump => (shuyuan::sim::pump_station, shuyuan::sim::pump_station_step),
+                    Profile::Load => (shuyuan::sim::load_device, shuyuan::sim::load_device_step),
+                };
+                let fleet = (0..devices).map(|_| make()).collect();
+                let addrs = shuyuan::sim::serve_fleet(listen, fleet, step, stop.clone()).await?;
+                for (i, a) in addrs.iter().enumerate() {
+                    println!("device {} modbus-tcp {a}", i + 1);
+                }
+                stop.cancelled().await;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs {
+            command:
+                CertsCommand::DevPki {
+                    out,
+                    gateway_id,
+                    host,
+                },
+        } => {
+            config::check_identifier(&gateway_id).map_err(anyhow::Error::msg)?;
+            let pki = shuyuan::pki::dev_pki(&out, &gateway_id, &host)?;
+            println!(
+                "dev PKI written to {} (gateway id {gateway_id}); private keys are 0600",
+                pki.dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! The gateway's one TOML file: plain serde structs with named defaults and
+//! `deny_unknown_fields`, loaded by [`load`], which also runs [`validate`] and reports every
+//! problem at once as `FILE:LINE:COL: what is wrong`.
+//!
+//! Relative paths in the file (certificates, keys) are taken relative to the file's own
+//! directory, so `/etc/shuyuan/gateway.toml` can say `ca = "certs/platform-ca.pem"`.
+
+mod locate;
+pub mod units;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use locate::Locator;
+pub use units::{ByteSize, HumanDuration};
+pub use validate::{check_identifier, validate, Problem, Severity};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub uplink: UplinkConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    #[serde(default)]
+    pub policies: BTreeMap<String, PolicyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Equals the CN of the gateway's client certificate.
+    pub id: String,
+    /// Where the SQLite outbox lives. Nothing raw is ever written here.
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Batches go to `{url}/v1/batches`.
+    pub url: String,
+    /// Trust anchor for the platform's server certificate.
+    pub ca: PathBuf,
+    /// The gateway's client certificate (chain) and its private key (must be 0600).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The platform's HPKE X25519 public key, PEM (SubjectPublicKeyInfo).
+    pub recipient: PathBuf,
+    /// Push on this period; without it, a batch is pushed as soon as it is sealed.
+    #[serde(default)]
+    pub every: Option<HumanDuration>,
+    /// One request's limit: connect, handshake, upload and answer.
+    #[serde(default = "default_uplink_timeout")]
+    pub timeout: HumanDuration,
+    /// Backoff between failed attempts grows from `backoff_min` to at most `backoff_max`.
+    #[serde(default = "default_backoff_min")]
+    pub backoff_min: HumanDuration,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max: HumanDuration,
+}
+
+fn default_uplink_timeout() -> HumanDuration {
+    HumanDuration::secs(30)
+}
+fn default_backoff_min() -> HumanDuration {
+    HumanDuration::secs(1)
+}
+fn default_backoff_max() -> HumanDuration {
+    HumanDuration::secs(300)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    #[serde(default = "default_max_records")]
+    pub max_records: u32,
+    #[serde(default = "default_batch_bytes")]
+    pub max_bytes: ByteSize,
+    #[serde(default = "default_max_age")]
+    pub max_age: HumanDuration,
+}
+
+fn default_max_records() -> u32 {
+    5000
+}
+fn default_batch_bytes() -> ByteSize {
+    ByteSize::mib(4)
+}
+fn default_max_age() -> HumanDuration {
+    HumanDuration::secs(60)
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_records: default_max_records(),
+            max_bytes: default_batch_bytes(),
+            max_age: default_max_age(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    /// The most sealed bytes the outbox holds.
+    #[serde(default = "default_buffer_bytes")]
+    pub max_bytes: ByteSize,
+    #[serde(default)]
+    pub on_full: OnFull,
+}
+
+fn default_buffer_bytes() -> ByteSize {
+    ByteSize::mib(2048)
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_buffer_bytes(),
+            on_full: OnFull::default(),
+        }
+    }
+}
+
+/// What the outbox does when `buffer.max_bytes` is reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Evict the oldest sealed batches (counted) so the newest data keeps flowing.
+    #[default]
+    DropOldest,
+    /// Stop accepting new batches until the platform acks some; sources count what waits.
+    Pause,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    ModbusTcp,
+}
+
+/// One data source. Kind-specific keys are optional here and required by validation, so
+/// that serde keeps exact line numbers for every key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub id: String,
+    pub kind: SourceKind,
+    /// The name of a table under `[policies]`.
+    pub policy: String,
+    /// modbus-tcp: `host:port` of the device or its gateway.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Modbus unit (slave) id.
+    #[serde(default = "default_unit")]
+    pub unit: u8,
+    #[serde(default = "default_interval")]
+    pub interval: HumanDuration,
+    /// Per request: a device that does not answer in time counts as a failed poll.
+    #[serde(default = "default_source_timeout")]
+    pub timeout: HumanDuration,
+    /// Fixed fields added to every record of this source (they pass the policy too).
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub points: Vec<PointConfig>,
+}
+
+fn default_unit() -> u8 {
+    1
+}
+fn default_interval() -> HumanDuration {
+    HumanDuration::secs(1)
+}
+fn default_source_timeout() -> HumanDuration {
+    HumanDuration::secs(1)
+}
+
+/// One value read from a device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointConfig {
+    pub name: String,
+    pub register: RegisterKind,
+    /// Zero-based protocol address (register 40101 is holding address 100).
+    pub address: u16,
+    #[serde(rename = "type")]
+    pub data_type: DataType,
+    /// Byte and word order of multi-register values; ABCD (big-endian) when absent.
+    #[serde(default)]
+    pub order: Option<WordOrder>,
+    /// value * scale + offset, giving a float.
+    #[serde(default)]
+    pub scale: Option<f64>,
+    #[serde(default)]
+    pub offset: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegisterKind {
+    Holding,
+    Input,
+    Coil,
+    Discrete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataType {
+    Bool,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+}
+
+/// Byte order within a register and word order across registers, named by where the bytes
+/// of the big-endian value `A B C D` land on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum WordOrder {
+    #[default]
+    ABCD,
+    CDAB,
+    BADC,
+    DCBA,
+}
+
+/// A named de-identification policy: fields not listed are dropped.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldRuleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldRuleConfig {
+    pub action: ActionKind,
+    pub grade: Grade,
+    /// mask: characters kept at the start and the end; the rest become `mask_char`.
+    #[serde(default)]
+    pub keep_head: Option<usize>,
+    #[serde(default)]
+    pub keep_tail: Option<usize>,
+    #[serde(default)]
+    pub mask_char: Option<char>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    Keep,
+    Drop,
+    Mask,
+}
+
+/// Classification grade of a field, lowest to highest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grade {
+    Public,
+    Internal,
+    Personal,
+    /// Sensitive personal information (GB/T 35273): never leaves in clear.
+    Sensitive,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Every problem found, each already rendered as `FILE:LINE:COL: message`.
+    #[error("{}", render(.problems))]
+    Invalid { problems: Vec<String> },
+}
+
+fn render(problems: &[String]) -> String {
+    problems.join("\n")
+}
+
+/// A loaded and validated config, with the warnings validation found.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub path: PathBuf,
+    pub warnings: Vec<String>,
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    load_str(&text, path)
+}
+
+/// Parses and validates config text as if read from `path` (which anchors relative paths
+/// and names the file in messages).
+pub fn load_str(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
+    let shown = path.display().to_string();
+    let locator = Locator::new(text);
+    let mut config: Config = toml::from_str(text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| locator.line_col(s.start))
+            .unwrap_or((1, 1));
+        ConfigError::Invalid {
+            problems: vec![format!(
+                "{shown}:{}:{}: {}",
+                at.0,
+                at.1,
+                e.message().trim_end()
+            )],
+        }
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    resolve_paths(&mut config, base);
+    let problems = validate(&config);
+    let (errors, warnings): (Vec<_>, Vec<_>) = problems
+        .into_iter()
+        .partition(|p| p.severity == Severity::Error);
+    let show = |p: &Problem| {
+        let (line, col) = locator.locate(&p.path);
+        format!("{shown}:{line}:{col}: {}", p.message)
+    };
+    if !errors.is_empty() {
+        return Err(ConfigError::Invalid {
+            problems: errors.iter().map(show).collect(),
+        });
+    }
+    Ok(Loaded {
+        config,
+        path: path.to_path_buf(),
+        warnings: warnings
+            .iter()
+            .map(|p| format!("warning: {}", show(p)))
+            .collect(),
+    })
+}
+
+fn resolve_paths(config: &mut Config, base: &Path) {
+    let u = &mut config.uplink;
+    for p in [&mut u.ca, &mut u.cert, &mut u.key, &mut u.recipient] {
+        *p = base.join(&*p);
+    }
+    config.gateway.state_dir = base.join(&config.gateway.state_dir);
+}
+
+/// A path into the config document, such as `sources[2].points[0].type`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPath(pub Vec<Seg>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+impl KeyPath {
+    pub fn root() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn key(&self, k: impl Into<String>) -> Self {
+        let mut v = self.0.clone();
+        v.push(Seg::Key(k.into()));
+        Self(v)
+    }
+
+    pub fn idx(&self, i: usize) -> Self {
+        let mut v = self.0.clone();
+        v.push(Seg::Index(i));
+        Self(v)
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            match s {
+                Seg::Key(k) if i == 0 => write!(f, "{k}")?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! The validation pass: everything serde cannot check alone (cross references, files on
+//! disk, ranges, the policy and register plans), reported all at once with a [`KeyPath`] each.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Config, KeyPath, SourceKind};
+use crate::collect::modbus::ReadPlan;
+use crate::policy::Policy;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    /// Works, but probably not what was meant.
+    Warning,
+}
+
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub severity: Severity,
+    pub path: KeyPath,
+    pub message: String,
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn error(&mut self, path: KeyPath, message: impl Into<String>) {
+        self.0.push(Problem {
+            severity: Severity::Error,
+            path,
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, path: KeyPath, message: impl Into<String>) {
+        self.0.push(Problem {
+            severity: Severity::Warning,
+            path,
+            message: message.into(),
+        });
+    }
+}
+
+/// Checks a parsed config and returns every problem found (an empty list means usable).
+pub fn validate(config: &Config) -> Vec<Problem> {
+    let mut p = Problems::default();
+    let root = KeyPath::root();
+    check_gateway(config, &mut p);
+    check_uplink(config, &mut p);
+    check_batch(config, &mut p);
+
+    let mut compiled: BTreeMap<&str, Policy> = BTreeMap::new();
+    for (name, policy) in &config.policies {
+        let at = root.key("policies").key(name.as_str());
+        match Policy::compile(policy) {
+            Ok(c) => {
+                compiled.insert(name.as_str(), c);
+            }
+            Err(errs) => {
+                for (rel, msg) in errs {
+                    let mut path = at.clone();
+                    path.0.extend(rel.0);
+                    p.error(path, format!("policy {name:?}: {msg}"));
+                }
+            }
+        }
+    }
+
+    let mut ids = BTreeSet::new();
+    for (i, s) in config.sources.iter().enumerate() {
+        let at = root.key("sources").idx(i);
+        if let Err(msg) = check_identifier(&s.id) {
+            p.error(at.key("id"), format!("source id {msg}"));
+        } else if !ids.insert(s.id.as_str()) {
+            p.error(
+                at.key("id"),
+                format!(
+                    "duplicate source id {:?}: each source needs its own id",
+                    s.id
+                ),
+            );
+        }
+        if !config.policies.contains_key(&s.policy) {
+            let known: Vec<&str> = config.policies.keys().map(String::as_str).collect();
+            p.error(
+                at.key("policy"),
+                format!(
+                    "source {:?} names policy {:?}, which is not defined; add [policies.{}] or use one of {:?}",
+                    s.id, s.policy, s.policy, known
+                ),
+            );
+        }
+        if s.interval.0.as_millis() < 10 {
+            p.error(at.key("interval"), "interval must be at least 10ms");
+        }
+        if s.timeout.0.is_zero() {
+            p.error(at.key("timeout"), "timeout must be more than zero");
+        }
+        match s.kind {
+            SourceKind::ModbusTcp => check_modbus_tcp(s, &at, &mut p),
+        }
+        let mut names = BTreeSet::new();
+        for (j, pt) in s.points.iter().enumerate() {
+            if !names.insert(pt.name.as_str()) {
+                p.error(
+                    at.key("points").idx(j).key("name"),
+                    format!("duplicate point name {:?} in source {:?}", pt.name, s.id),
+                );
+            }
+        }
+        for tag in s.tags.keys() {
+            if names.contains(tag.as_str()) {
+                p.error(
+                    at.key("tags").key(tag.as_str()),
+                    format!(
+                        "tag {tag:?} has the same name as a point of source {:?}",
+                        s.id
+                    ),
+                );
+            }
+        }
+        if let Some(policy) = compiled.get(s.policy.as_str()) {
+            let fields = s
+                .points
+                .iter()
+                .map(|pt| pt.name.as_str())
+                .chain(s.tags.keys().map(String::as_str));
+            for f in fields {
+                if !policy.has_rule(f) {
+                    p.warn(
+                        at.key("policy"),
+                        format!(
+                            "field {f:?} of source {:?} has no rule in policy {:?}: it will be dropped (add a rule to send it)",
+                            s.id, s.policy
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    p.0
+}
+
+fn check_gateway(config: &Config, p: &mut Problems) {
+    let at = KeyPath::root().key("gateway");
+    if let Err(msg) = check_identifier(&config.gateway.id) {
+        p.error(at.key("id"), format!("gateway id {msg}"));
+    }
+    if config.gateway.state_dir.as_os_str().is_empty() {
+        p.error(at.key("state_dir"), "state_dir must name a directory");
+    }
+}
+
+/// Ids end up in file names at the platform and in certificate CNs: keep them plain.
+pub fn check_identifier(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("{id:?} must be 1 to 64 characters long"));
+    }
+    if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "{id:?} contains {bad:?}: use only ASCII letters, digits, '-', '_' and '.'"
+        ));
+    }
+    if id.starts_with('.') {
+        return Err(format!("{id:?} must not start with '.'"));
+    }
+    Ok(())
+}
+
+fn check_uplink(config: &Config, p: &mut Problems) {
+    let at = KeyPath::root().key("uplink");
+    let u = &config.uplink;
+    if let Err(msg) = crate::uplink::Endpoint::parse(&u.url) {
+        p.error(at.key("url"), msg);
+    }
+    for (key, path, private) in [
+        ("ca", &u.ca, false),
+        ("cert", &u.cert, false),
+        ("key", &u.key, true),
+        ("recipient", &u.recipient, false),
+    ] {
+        match std::fs::metadata(path) {
+            Err(e) => p.error(
+                at.key(key),
+                format!("cannot read {key} file {}: {e}", path.display()),
+            ),
+            Ok(m) if !m.is_file() => {
+                p.error(at.key(key), format!("{} is not a file", path.display()))
+            }
+            Ok(_) if private => {
+                if let Err(msg) = crate::keys::check_private_mode(path) {
+                    p.error(at.key(key), msg);
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    if u.timeout.0.is_zero() {
+        p.error(at.key("timeout"), "timeout must be more than zero");
+    }
+    if u.backoff_min.0.is_zero() || u.backoff_min > u.backoff_max {
+        p.error(
+            at.key("backoff_min"),
+            "backoff_min must be more than zero and at most backoff_max",
+        );
+    }
+    if let Some(every) = u.every {
+        if every.0.as_millis() < 100 {
+            p.error(at.key("every"), "every must be at least 100ms");
+        }
+    }
+}
+
+fn check_batch(config: &Config, p: &mut Problems) {
+    let at = KeyPath::root().key("batch");
+    let b = &config.batch;
+    if !(1..=1_000_000).contains(&b.max_records) {
+        p.error(
+            at.key("max_records"),
+            "max_records must be from 1 to 1000000",
+        );
+    }
+    if !(1024..=64 << 20).contains(&b.max_bytes.0) {
+        p.error(at.key("max_bytes"), "max_bytes must be from 1KiB to 64MiB");
+    }
+    if b.max_age.0.as_millis() < 100 {
+        p.error(at.key("max_age"), "max_age must be at least 100ms");
+    }
+    let buf = &config.buffer;
+    if buf.max_bytes.0 < b.max_bytes.0.saturating_mul(2) {
+        p.error(
+            KeyPath::root().key("buffer").key("max_bytes"),
+            format!(
+                "buffer.max_bytes ({}) must hold at least two batches of batch.max_bytes ({})",
+                buf.max_bytes, b.max_bytes
+            ),
+        );
+    }
+}
+
+fn check_modbus_tcp(s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
+    match s.address.as_deref() {
+        None => p.error(
+            at.key("address"),
+            format!(
+                "source {:?} of kind modbus-tcp needs address = \"host:port\"",
+                s.id
+            ),
+        ),
+        Some(a) => {
+            if let Err(msg) = crate::collect::modbus::check_address(a) {
+                p.error(at.key("address"), msg);
+            }
+        }
+    }
+    if s.points.is_empty() {
+        p.error(
+            at.key("points"),
+            format!("source {:?} has no points to read", s.id),
+        );
+    }
+    if let Err(errs) = ReadPlan::build(&s.points) {
+        for (rel, msg) in errs {
+            let mut path = at.clone();
+            path.0.extend(rel.0);
+            p.error(path, msg);
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Wires the stages into a running gateway (`shuyuan run`, the demo, the tests):
+//!
+//! sources ─(records, bounded)─▶ policy+batch ─(batches, bounded)─▶ seal+commit ─▶ outbox ◀─ uplink
+//!
+//! Shutdown is one token. Sources stop on it; their channel closes, so the batch stage hands
+//! on its open batch and ends; the seal stage commits it and ends; the uplink pushes what it
+//! can within [`crate::uplink::FINAL_DRAIN`] and ends. Every task is awaited, with a grace
+//! limit that is logged when it runs out.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::batch::{self, Batch, Limits};
+use crate::collect::modbus::ModbusTcpSource;
+use crate::config::{Config, SourceKind};
+use crate::keys::{HpkePublicKey, Signer};
+use crate::outbox::{Outbox, OutboxError, Quota};
+use crate::policy::Policy;
+use crate::seal::{self, BatchMeta};
+use crate::stats::{PipelineStats, Stats};
+use crate::uplink::{Backoff, Endpoint, HttpClient, Uplink};
+
+/// How long shutdown waits for the stages before giving up on them.
+pub const GRACE: Duration = Duration::from_secs(20);
+const RECORD_QUEUE: usize = 1024;
+const BATCH_QUEUE: usize = 2;
+pub const ZSTD_LEVEL: i32 = 1;
+
+/// Runs the gateway until `shutdown` fires, then drains and returns.
+pub async fn run(
+    config: &Config,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    let gw = &config.gateway;
+    let u = &config.uplink;
+    std::fs::create_dir_all(&gw.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", gw.state_dir.display()))?;
+    let signer = Arc::new(Signer::load(&u.key)?);
+    check_certificate(config, &signer)?;
+    let recipient = crate::keys::load_hpke_public(&u.recipient)?;
+    let tls = crate::tls::client_config(&u.ca, &u.cert, &u.key)?;
+    let endpoint = Endpoint::parse(&u.url).map_err(anyhow::Error::msg)?;
+    let client = HttpClient::new(endpoint, tls, u.timeout.0).map_err(anyhow::Error::msg)?;
+    let quota = Quota {
+        max_bytes: config.buffer.max_bytes.0,
+        on_full: config.buffer.on_full,
+    };
+    let (outbox, resume, _db_thread) = Outbox::open(&gw.state_dir, quota)?;
+    tracing::info!(gateway = %gw.id, pending = resume.pending, last_seq = resume.last_seq, "outbox open");
+
+    let mut policies = HashMap::new();
+    for s in &config.sources {
+        let p = config
+            .policies
+            .get(&s.policy)
+            .with_context(|| format!("policy {:?} not defined", s.policy))?;
+        let compiled =
+            Policy::compile(p).map_err(|e| anyhow::anyhow!("policy {:?}: {:?}", s.policy, e))?;
+        policies.insert(Arc::from(s.id.as_str()), Arc::new(compiled));
+    }
+
+    let tasks = TaskTracker::new();
+    let (rec_tx, rec_rx) = mpsc::channel(RECORD_QUEUE);
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
+    for s in &config.sources {
+        match s.kind {
+            SourceKind::ModbusTcp => {
+                let id: Arc<str> = Arc::from(s.id.as_str());
+                let src = ModbusTcpSource::from_config(s, stats.source(&id))
+                    .map_err(anyhow::Error::msg)?;
+                let next = resume.source_seqs.get(&s.id).map_or(1, |v| v + 1);
+                tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next));
+            }
+        }
+    }
+    drop(rec_tx);
+    let limits = Limits {
+        max_records: config.batch.max_records,
+        max_bytes: config.batch.max_bytes.0 as usize,
+        max_age: config.batch.max_age.0,
+    };
+    tasks.spawn(batch::run(
+        rec_rx,
+        batch_tx,
+        policies,
+        limits,
+        stats.pipeline.clone(),
+    ));
+
+    let wake = Arc::new(Notify::new());
+    let sealed_all = CancellationToken::new();
+    let sealer = Sealer {
+        gateway_id: gw.id.clone(),
+        recipient,
+        signer,
+        outbox: outbox.clone(),
+        next_seq: resume.last_seq + 1,
+        wake: wake.clone(),
+        stats: stats.pipeline.clone(),
+    };
+    tasks.spawn(sealer.run(batch_rx, shutdown.clone(), sealed_all.clone()));
+    let uplink = Uplink {
+        gateway_id: gw.id.clone(),
+        outbox,
+        client,
+        every: u.every.map(|e| e.0),
+        backoff: Backoff::new(u.backoff_min.0, u.backoff_max.0),
+        wake,
+        sealed_all,
+        stats: stats.pipeline.clone(),
+    };
+    tasks.spawn(uplink.run(shutdown.clone()));
+    tasks.close();
+    tracing::info!(gateway = %gw.id, sources = config.sources.len(), "gateway running");
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: sealing the open batch");
+    if tokio::time::timeout(GRACE, tasks.wait()).await.is_err() {
+        tracing::error!(
+            grace_s = GRACE.as_secs(),
+            "stages did not stop in time; exiting anyway"
+        );
+    }
+    Ok(())
+}
+
+/// The client certificate must carry the signing key and name this gateway.
+fn check_certificate(config: &Config, signer: &Signer) -> anyhow::Result<()> {
+    let u = &config.uplink;
+    let certs = crate::tls::load_certs(&u.cert)?;
+    let ident = crate::tls::identity(&certs[0])
+        .map_err(|e| anyhow::anyhow!("{}: {e}", u.cert.display()))?;
+    if ident.spki_der != signer.spki_der() {
+        bail!(
+            "{}: this certificate is not for the key {}",
+            u.cert.display(),
+            u.key.display()
+        );
+    }
+    if ident.cn != config.gateway.id {
+        bail!(
+            "{}: certificate CN is {:?} but gateway.id is {:?}; the platform would refuse every batch",
+            u.cert.display(),
+            ident.cn,
+            config.gateway.id
+        );
+    }
+    Ok(())
+}
+
+/// The seal stage: numbers, seals and commits each batch, then wakes the uplink.
+struct Sealer {
+    gateway_id: String,
+    recipient: HpkePublicKey,
+    signer: Arc<Signer>,
+    outbox: Outbox,
+    next_seq: u64,
+    wake: Arc<Notify>,
+    stats: Arc<PipelineStats>,
+}
+
+impl Sealer {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Batch>,
+        shutdown: CancellationToken,
+        sealed_all: CancellationToken,
+    ) {
+        while let Some(b) = rx.recv().await {
+            self.commit(b, &shutdown).await;
+        }
+        sealed_all.cancel();
+    }
+
+    async fn commit(&mut self, b: Batch, shutdown: &CancellationToken) {
+        let seq = self.next_seq;
+        let created_ms = crate::timefmt::now_ms();
+        let meta = BatchMeta {
+            gateway_id: &self.gateway_id,
+            seq,
+            created_ms,
+            records: b.records,
+        };
+        let envelope = match seal::seal(&b.body, &meta, &self.recipient, &self.signer, ZSTD_LEVEL) {
+            Ok(e) => e,
+            Err(e) => {
+                // Cannot happen with valid keys; if it does, the records are lost: say so.
+                tracing::error!(
+                    seq,
+                    records = b.records,
+                    "cannot seal batch, records lost: {e}"
+                );
+                return;
+            }
+        };
+        let size = envelope.len() as u64;
+        // Bounded: a store that keeps failing (or stays full under "pause") holds the stage
+        // at most this long per try; shutdown gives up sooner.
+        for attempt in 0u32..=600 {
+            match self
+                .outbox
+                .append(
+                    seq,
+                    created_ms,
+                    b.records,
+                    envelope.clone(),
+                    b.source_seqs.clone(),
+                )
+                .await
+            {
+                Ok(ev) => {
+                    if ev.batches > 0 {
+                        self.stats.batches_evicted.fetch_add(ev.batches, Relaxed);
+                        self.stats.records_evicted.fetch_add(ev.records, Relaxed);
+                        tracing::warn!(
+                            evicted_batches = ev.batches,
+                            evicted_records = ev.records,
+                            "buffer full: oldest batches evicted"
+                        );
+                    }
+                    self.next_seq += 1;
+                    self.stats.batches_sealed.fetch_add(1, Relaxed);
+                    self.stats
+                        .records_sealed
+                        .fetch_add(b.records.into(), Relaxed);
+                    self.stats.bytes_sealed.fetch_add(size, Relaxed);
+                    tracing::debug!(
+                        seq,
+                        records = b.records,
+                        bytes = size,
+                        "batch sealed and committed"
+                    );
+                    self.wake.notify_one();
+                    return;
+                }
+                Err(e) => {
+                    if attempt == 0 || matches!(e, OutboxError::Db(_)) {
+                        tracing::error!(seq, "cannot commit batch: {e}");
+                    }
+                    if shutdown.is_cancelled() && attempt > 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        tracing::error!(
+            seq,
+            records = b.records,
+            "batch not committed, records lost"
+        );
+    }
+}

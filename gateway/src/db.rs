@@ -1,0 +1,95 @@
+//! One thread owns a SQLite connection and runs the jobs sent to it, so async code never
+//! holds a connection or a lock across an await. Used by the outbox and the receiver.
+
+use std::path::Path;
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{path}: cannot open the SQLite store: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the store's thread has stopped")]
+    Gone,
+    #[error("SQLite: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// A handle to the connection's thread; cheap to clone. The thread ends, closing the
+/// connection cleanly, when the last handle is dropped.
+#[derive(Clone)]
+pub struct Db {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Db {
+    /// Opens (creating) the database with WAL and synchronous=FULL, runs `init` on it, and
+    /// starts the owning thread.
+    pub fn open(
+        path: &Path,
+        init: impl FnOnce(&mut Connection) -> rusqlite::Result<()>,
+    ) -> Result<(Self, JoinHandle<()>), DbError> {
+        let open_err = |source| DbError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        configure(&conn).map_err(open_err)?;
+        init(&mut conn).map_err(open_err)?;
+        let (tx, mut rx) = mpsc::channel::<Job>(64);
+        let handle = std::thread::Builder::new()
+            .name("sqlite".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| DbError::Open {
+                path: path.display().to_string(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        Ok((Self { tx }, handle))
+    }
+
+    /// Runs `f` on the connection's thread and returns its result.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> T + Send + 'static,
+    ) -> Result<T, DbError> {
+        let (rtx, rrx) = oneshot::channel();
+        let job: Job = Box::new(move |c| {
+            let _ = rtx.send(f(c));
+        });
+        self.tx.send(job).await.map_err(|_| DbError::Gone)?;
+        rrx.await.map_err(|_| DbError::Gone)
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "journal_mode is {mode}, WAL could not be set"
+        )));
+    }
+    // FULL: in WAL mode, NORMAL may lose the last commits on power loss. A committed batch is
+    // one the sources were told is safe, and gateways lose power: every commit must reach the
+    // flash before we move on. One fsync per batch, not per record, keeps the cost small.
+    conn.execute_batch("PRAGMA synchronous=FULL")?;
+    let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+    if sync != 2 {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "synchronous is {sync}, FULL (2) could not be set"
+        )));
+    }
+    Ok(())
+}

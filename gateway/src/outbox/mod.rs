@@ -1,0 +1,381 @@
+//! The outbox: the durable queue of sealed batches in SQLite (WAL, synchronous=FULL), owned
+//! by one thread ([`crate::db::Db`]).
+//!
+//! Schema:
+//! - `batches(seq PRIMARY KEY, created_ms, records, bytes, envelope BLOB, state, attempts,
+//!   last_error)`: one row per sealed batch; `state` 0 = pending, 1 = quarantined.
+//! - `source_seq(source PRIMARY KEY, seq)`: the highest record sequence per source that is
+//!   committed, so a restarted source continues without reusing numbers.
+//! - `meta(key PRIMARY KEY, value)`: `last_seq` (the highest batch seq ever committed, which
+//!   survives the rows being acked and deleted) and the eviction counters.
+//!
+//! Invariants: a batch row, its source sequence updates and `last_seq` commit in one
+//! transaction; only sealed bytes are stored (nothing raw reaches the disk); a row is deleted
+//! only after the platform acked it, or by eviction under `on_full = "drop_oldest"`, which is
+//! counted in `meta`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::config::OnFull;
+use crate::db::{Db, DbError};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    seq        INTEGER PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    records    INTEGER NOT NULL,
+    bytes      INTEGER NOT NULL,
+    envelope   BLOB    NOT NULL,
+    state      INTEGER NOT NULL DEFAULT 0,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS source_seq (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("the outbox is full ({used} of {max} bytes) and on_full = \"pause\"")]
+    Full { used: u64, max: u64 },
+}
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Db(DbError::Sql(e))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    pub max_bytes: u64,
+    pub on_full: OnFull,
+}
+
+/// What the store held when opened.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub last_seq: u64,
+    pub source_seqs: HashMap<String, u64>,
+    pub pending: u64,
+}
+
+/// A batch waiting for upload.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub seq: u64,
+    pub records: u32,
+    pub envelope: bytes::Bytes,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    pub batches: u64,
+    pub bytes: u64,
+    pub oldest_ms: Option<i64>,
+    pub quarantined: u64,
+}
+
+/// Batches evicted to make room for a new one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub batches: u64,
+    pub records: u64,
+}
+
+#[derive(Clone)]
+pub struct Outbox {
+    db: Db,
+    quota: Quota,
+}
+
+impl Outbox {
+    /// Opens or creates `dir/outbox.sqlite`.
+    pub fn open(
+        dir: &Path,
+        quota: Quota,
+    ) -> Result<(Self, Resume, std::thread::JoinHandle<()>), OutboxError> {
+        let mut resume = Resume::default();
+        let (db, handle) = Db::open(&dir.join("outbox.sqlite"), |c| {
+            c.execute_batch(SCHEMA)?;
+            resume = read_resume(c)?;
+            Ok(())
+        })?;
+        Ok((Self { db, quota }, resume, handle))
+    }
+
+    /// Commits one sealed batch, evicting the oldest pending batches first if the quota
+    /// requires and allows it.
+    pub async fn append(
+        &self,
+        seq: u64,
+        created_ms: i64,
+        records: u32,
+        envelope: Vec<u8>,
+        source_seqs: BTreeMap<Arc<str>, u64>,
+    ) -> Result<Evicted, OutboxError> {
+        let quota = self.quota;
+        self.db
+            .call(move |c| append_tx(c, quota, seq, created_ms, records, &envelope, &source_seqs))
+            .await?
+    }
+
+    /// The oldest pending batch with a sequence above `after`.
+    pub async fn next_pending(&self, after: Option<u64>) -> Result<Option<Stored>, OutboxError> {
+        let after = after.map_or(-1, |a| a as i64);
+        Ok(self
+            .db
+            .call(move |c| {
+                c.query_row(
+                    "SELECT seq, records, envelope FROM batches WHERE state = 0 AND seq > ?1 ORDER BY seq LIMIT 1",
+                    [after],
+                    |r| {
+                        Ok(Stored {
+                            seq: r.get::<_, i64>(0)? as u64,
+                            records: r.get(1)?,
+                            envelope: bytes::Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                        })
+                    },
+                )
+                .optional()
+            })
+            .await??)
+    }
+
+    /// The platform acknowledged the batch: it may go.
+    pub async fn ack(&self, seq: u64) -> Result<(), OutboxError> {
+        self.db
+            .call(move |c| c.execute("DELETE FROM batches WHERE seq = ?1", [seq as i64]))
+            .await??;
+        Ok(())
+    }
+
+    /// Counts a failed attempt and remembers its cause (kind and status, never data).
+    pub async fn attempt_failed(&self, seq: u64, error: String) -> Result<(), OutboxError> {
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE batches SET attempts = attempts + 1, last_error = ?2 WHERE seq = ?1",
+                    params![seq as i64, error],
+                )
+            })
+            .await??;
+        Ok(())
+    }
+
+    /// The platform refused the batch for good: keep it aside for an operator.
+    pub async fn quarantine(&self, seq: u64, error: String) -> Result<(), OutboxError> {
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE batches SET state = 1, attempts = attempts + 1, last_error = ?2 WHERE seq = ?1",
+                    params![seq as i64, error],
+                )
+            })
+            .await??;
+        Ok(())
+    }
+
+    pub async fn depth(&self) -> Result<Depth, OutboxError> {
+        Ok(self.db.call(read_depth).await??)
+    }
+}
+
+fn read_resume(c: &Connection) -> rusqlite::Result<Resume> {
+    let last_seq = meta_get(c, "last_seq")?.max(c.query_row(
+        "SELECT COALESCE(MAX(seq), 0) FROM batches",
+        [],
+        |r| r.get(0),
+    )?);
+    let mut stmt = c.prepare("SELECT source, seq FROM source_seq")?;
+    let source_seqs = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?
+        .collect::<rusqlite::Result<HashMap<_, _>>>()?;
+    let pending = c.query_row("SELECT COUNT(*) FROM batches WHERE state = 0", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
+    Ok(Resume {
+        last_seq: last_seq as u64,
+        source_seqs,
+        pending: pending as u64,
+    })
+}
+
+fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<i64> {
+    Ok(
+        c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0),
+    )
+}
+
+fn read_depth(c: &mut Connection) -> rusqlite::Result<Depth> {
+    c.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(bytes), 0), MIN(created_ms), COALESCE(SUM(state = 1), 0) FROM batches",
+        [],
+        |r| {
+            Ok(Depth {
+                batches: r.get::<_, i64>(0)? as u64,
+                bytes: r.get::<_, i64>(1)? as u64,
+                oldest_ms: r.get(2)?,
+                quarantined: r.get::<_, i64>(3)? as u64,
+            })
+        },
+    )
+}
+
+fn append_tx(
+    c: &mut Connection,
+    quota: Quota,
+    seq: u64,
+    created_ms: i64,
+    records: u32,
+    envelope: &[u8],
+    source_seqs: &BTreeMap<Arc<str>, u64>,
+) -> Result<Evicted, OutboxError> {
+    let tx = c.transaction()?;
+    let size = envelope.len() as u64;
+    let mut used: u64 = tx.query_row("SELECT COALESCE(SUM(bytes), 0) FROM batches", [], |r| {
+        r.get::<_, i64>(0)
+    })? as u64;
+    let mut evicted = Evicted::default();
+    while used + size > quota.max_bytes {
+        if quota.on_full == OnFull::Pause {
+            return Err(OutboxError::Full {
+                used,
+                max: quota.max_bytes,
+            });
+        }
+        let oldest: Option<(i64, i64, i64)> = tx
+            .query_row(
+                "SELECT seq, records, bytes FROM batches WHERE state = 0 ORDER BY seq LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((old_seq, old_records, old_bytes)) = oldest else {
+            break;
+        };
+        tx.execute("DELETE FROM batches WHERE seq = ?1", [old_seq])?;
+        used -= old_bytes as u64;
+        evicted.batches += 1;
+        evicted.records += old_records as u64;
+    }
+    if evicted.batches > 0 {
+        for (k, v) in [
+            ("evicted_batches", evicted.batches),
+            ("evicted_records", evicted.records),
+        ] {
+            tx.execute(
+                "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + ?2",
+                params![k, v as i64],
+            )?;
+        }
+    }
+    tx.execute(
+        "INSERT INTO batches(seq, created_ms, records, bytes, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![seq as i64, created_ms, records, size as i64, envelope],
+    )?;
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES ('last_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
+        [seq as i64],
+    )?;
+    for (source, s) in source_seqs {
+        tx.execute(
+            "INSERT INTO source_seq(source, seq) VALUES (?1, ?2) ON CONFLICT(source) DO UPDATE SET seq = MAX(seq, ?2)",
+            params![&**source, *s as i64],
+        )?;
+    }
+    tx.commit()?;
+    Ok(evicted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(max: u64) -> Quota {
+        Quota {
+            max_bytes: max,
+            on_full: OnFull::DropOldest,
+        }
+    }
+
+    #[tokio::test]
+    async fn sequences_survive_reopen_and_rows_leave_only_on_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, resume, h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
+        assert_eq!(resume.last_seq, 0);
+        let mut seqs = BTreeMap::new();
+        seqs.insert(Arc::from("pump"), 41u64);
+        ob.append(1, 10, 5, vec![1; 100], seqs.clone())
+            .await
+            .unwrap();
+        ob.append(2, 11, 5, vec![2; 100], seqs).await.unwrap();
+        assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 1);
+        assert_eq!(ob.next_pending(Some(1)).await.unwrap().unwrap().seq, 2);
+        ob.ack(1).await.unwrap();
+        ob.ack(2).await.unwrap();
+        assert!(ob.next_pending(None).await.unwrap().is_none());
+        drop(ob);
+        h.join().unwrap();
+
+        let (ob, resume, _h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
+        assert_eq!(resume.last_seq, 2, "last_seq survives the rows being acked");
+        assert_eq!(resume.source_seqs["pump"], 41);
+        assert_eq!(ob.depth().await.unwrap().batches, 0);
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_evicts_and_counts_pause_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _, _h) = Outbox::open(dir.path(), quota(250)).unwrap();
+        for seq in 1..=2 {
+            assert_eq!(
+                ob.append(seq, 0, 3, vec![0; 100], BTreeMap::new())
+                    .await
+                    .unwrap(),
+                Evicted::default()
+            );
+        }
+        let ev = ob
+            .append(3, 0, 3, vec![0; 100], BTreeMap::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            ev,
+            Evicted {
+                batches: 1,
+                records: 3
+            }
+        );
+        assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 2);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _, _h) = Outbox::open(
+            dir.path(),
+            Quota {
+                max_bytes: 150,
+                on_full: OnFull::Pause,
+            },
+        )
+        .unwrap();
+        ob.append(1, 0, 1, vec![0; 100], BTreeMap::new())
+            .await
+            .unwrap();
+        let err = ob
+            .append(2, 0, 1, vec![0; 100], BTreeMap::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, OutboxError::Full { .. }));
+        assert_eq!(ob.depth().await.unwrap().batches, 1);
+    }
+}

@@ -1,0 +1,258 @@
+//! The uplink: pushes sealed batches from the outbox to the platform, oldest first, and
+//! deletes each only after the platform acked it (`accepted` or `duplicate`). Failures back
+//! off exponentially with jitter, capped, honouring `Retry-After`; a final 4xx quarantines the
+//! batch. Written as an explicit state machine: each step returns the next [`State`].
+
+mod http;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use http::{Ack, Endpoint, HttpClient, Retry, UplinkError};
+
+use crate::outbox::Outbox;
+use crate::stats::PipelineStats;
+
+/// How long, after shutdown, the uplink keeps pushing what the last seal committed.
+pub const FINAL_DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Nothing to send (or waiting for the schedule).
+    Idle,
+    /// Send the oldest pending batch.
+    Send,
+    /// Wait after a failure.
+    Backoff(Instant),
+    /// Shutdown: one last bounded drain, then stop.
+    Final,
+    Stopped,
+}
+
+/// Capped exponential backoff with jitter in [d/2, d].
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            failures: 0,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self.min.saturating_mul(1u32 << self.failures.min(20));
+        self.failures = self.failures.saturating_add(1);
+        let d = exp.min(self.max);
+        let half = d / 2;
+        half + half.mul_f64(jitter_unit())
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+fn jitter_unit() -> f64 {
+    let mut b = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+pub struct Uplink {
+    pub gateway_id: String,
+    pub outbox: Outbox,
+    pub client: HttpClient,
+    pub every: Option<Duration>,
+    pub backoff: Backoff,
+    /// Rung by the seal stage after each commit.
+    pub wake: Arc<Notify>,
+    /// Fires when the seal stage has committed its last batch during shutdown.
+    pub sealed_all: CancellationToken,
+    pub stats: Arc<PipelineStats>,
+}
+
+enum Sent {
+    One,
+    Empty,
+    Failed(Option<Duration>),
+}
+
+impl Uplink {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut ticker = self.every.map(|d| {
+            let mut t = tokio::time::interval(d);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        // Whatever the outbox held at start goes first (or at the first scheduled tick).
+        let mut state = if ticker.is_some() {
+            State::Idle
+        } else {
+            State::Send
+        };
+        loop {
+            state = match state {
+                State::Idle => tokio::select! {
+                    _ = shutdown.cancelled() => State::Final,
+                    _ = self.wake.notified(), if ticker.is_none() => State::Send,
+                    _ = tick(&mut ticker) => State::Send,
+                },
+                State::Send => {
+                    if shutdown.is_cancelled() {
+                        State::Final
+                    } else {
+                        match self.send_one().await {
+                            Sent::One => State::Send,
+                            Sent::Empty => State::Idle,
+                            Sent::Failed(hint) => State::Backoff(Instant::now() + self.delay(hint)),
+                        }
+                    }
+                }
+                State::Backoff(until) => tokio::select! {
+                    _ = shutdown.cancelled() => State::Final,
+                    _ = tokio::time::sleep_until(until) => State::Send,
+                },
+                State::Final => {
+                    self.final_drain().await;
+                    State::Stopped
+                }
+                State::Stopped => break,
+            };
+        }
+        tracing::debug!("uplink stopped");
+    }
+
+    fn delay(&mut self, hint: Option<Duration>) -> Duration {
+        let d = self.backoff.next_delay();
+        hint.map_or(d, |h| h.max(d))
+    }
+
+    /// After shutdown: wait for the seal stage's last commit, then push what is pending
+    /// until the outbox is empty, a push fails, or [`FINAL_DRAIN`] runs out. What is left
+    /// stays in the outbox for the next start.
+    async fn final_drain(&mut self) {
+        let deadline = Instant::now() + FINAL_DRAIN;
+        if tokio::time::timeout_at(deadline, self.sealed_all.cancelled())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if self.backoff.failures() > 0 {
+            return; // the platform was failing: do not hold up the stop.
+        }
+        while let Ok(sent) = tokio::time::timeout_at(deadline, self.send_one()).await {
+            if !matches!(sent, Sent::One) {
+                break;
+            }
+        }
+    }
+
+    async fn send_one(&mut self) -> Sent {
+        let next = match self.outbox.next_pending(None).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Sent::Empty,
+            Err(e) => {
+                tracing::error!("outbox read failed: {e}");
+                return Sent::Failed(None);
+            }
+        };
+        let key = format!("{}/{}", self.gateway_id, next.seq);
+        self.stats.uploads.fetch_add(1, Relaxed);
+        match self.client.post_batch(&key, next.envelope.clone()).await {
+            Ok(ack) => {
+                match ack {
+                    Ack::Accepted => {}
+                    Ack::Duplicate => {
+                        self.stats.batches_duplicate.fetch_add(1, Relaxed);
+                    }
+                }
+                if let Err(e) = self.outbox.ack(next.seq).await {
+                    tracing::error!(seq = next.seq, "cannot delete acked batch: {e}");
+                    return Sent::Failed(None);
+                }
+                self.stats.batches_acked.fetch_add(1, Relaxed);
+                self.stats.set_upload_error(None);
+                self.backoff.reset();
+                tracing::debug!(seq = next.seq, records = next.records, ?ack, "batch acked");
+                Sent::One
+            }
+            Err(e) => {
+                self.stats.upload_failures.fetch_add(1, Relaxed);
+                self.stats.set_upload_error(Some(e.to_string()));
+                match e.retry() {
+                    Retry::Never => {
+                        tracing::error!(
+                            seq = next.seq,
+                            "platform refused the batch for good, quarantined: {e}"
+                        );
+                        self.stats.batches_quarantined.fetch_add(1, Relaxed);
+                        if let Err(db) = self.outbox.quarantine(next.seq, e.to_string()).await {
+                            tracing::error!(seq = next.seq, "cannot quarantine: {db}");
+                            return Sent::Failed(None);
+                        }
+                        Sent::One
+                    }
+                    Retry::Later(hint) => {
+                        tracing::warn!(
+                            seq = next.seq,
+                            failures = self.backoff.failures() + 1,
+                            "upload failed, will retry: {e}"
+                        );
+                        let _ = self.outbox.attempt_failed(next.seq, e.to_string()).await;
+                        Sent::Failed(hint)
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn tick(t: &mut Option<tokio::time::Interval>) {
+    match t {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_stays_within_jitter_bounds() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let expect = [1, 2, 4, 8, 8, 8];
+        for e in expect {
+            let d = b.next_delay();
+            let full = Duration::from_secs(e);
+            assert!(
+                d >= full / 2 && d <= full,
+                "{d:?} not in [{:?}, {full:?}]",
+                full / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+}
