@@ -13,6 +13,9 @@ use shuyuan::config::{self, ConfigError};
 const EXIT_CONFIG: u8 = 64;
 const DEFAULT_LOG: &str = "info";
 
+type MakeDevice = fn() -> std::sync::Arc<shuyuan::sim::Device>;
+type StepDevice = fn(&shuyuan::sim::Device, u64);
+
 #[derive(Parser)]
 #[command(
     name = "shuyuan",
@@ -214,10 +217,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         } => {
             runtime()?.block_on(async {
                 let stop = shutdown_on_signals()?;
-                let (make, step): (
-                    fn() -> std::sync::Arc<shuyuan::sim::Device>,
-                    fn(&shuyuan::sim::Device, u64),
-                ) = match profile {
+                let (make, step): (MakeDevice, StepDevice) = match profile {
                     Profile::Pump => (shuyuan::sim::pump_station, shuyuan::sim::pump_station_step),
                     Profile::Load => (shuyuan::sim::load_device, shuyuan::sim::load_device_step),
                 };

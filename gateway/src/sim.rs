@@ -6,7 +6,7 @@
 //! time and keeps a poll counter: a u32 at holding 200-201 that goes up by one each time a
 //! read covers it, so a gap in the delivered counter means a lost record.
 
-use std::future::{self, Future};
+use std::future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -144,30 +144,24 @@ impl tokio_modbus::server::Service for Service {
 }
 
 /// Serves `device` on `listener` until `shutdown` fires.
-pub fn serve(
-    listener: TcpListener,
-    device: Arc<Device>,
-    shutdown: CancellationToken,
-) -> impl Future<Output = ()> {
-    async move {
-        let server = Server::new(listener);
-        let on_connected = move |stream, addr| {
-            let device = device.clone();
-            async move {
-                accept_tcp_connection(stream, addr, move |_| {
-                    Ok(Some(Service {
-                        device: device.clone(),
-                    }))
-                })
-            }
-        };
-        let on_error = |e| tracing::debug!("simulator connection error: {e}");
-        let _ = server
-            .serve_until(&on_connected, on_error, async move {
-                shutdown.cancelled().await
+pub async fn serve(listener: TcpListener, device: Arc<Device>, shutdown: CancellationToken) {
+    let server = Server::new(listener);
+    let on_connected = move |stream, addr| {
+        let device = device.clone();
+        async move {
+            accept_tcp_connection(stream, addr, move |_| {
+                Ok(Some(Service {
+                    device: device.clone(),
+                }))
             })
-            .await;
-    }
+        }
+    };
+    let on_error = |e| tracing::debug!("simulator connection error: {e}");
+    let _ = server
+        .serve_until(&on_connected, on_error, async move {
+            shutdown.cancelled().await
+        })
+        .await;
 }
 
 /// The demo's pump station: flow (f32 CDAB at holding 100), energy (i32 at holding 102),

@@ -1,1 +1,201 @@
+//! Shared helpers for the end-to-end and fault tests: start a Modbus simulator, a reference
+//! receiver and a gateway on loopback, each in its own temporary directory, and wait for
+//! conditions with bounded polling.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shuyuan::config::Config;
+use shuyuan::pki::DevPki;
+use shuyuan::receiver::{Receiver, ReceiverConfig, ReceiverStats};
+use shuyuan::sim::Device;
+use shuyuan::stats::Stats;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const GATEWAY_ID: &str = "GW-TEST-0001";
+
+/// A temp dir with a dev PKI for [`GATEWAY_ID`].
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub pki: DevPki,
+}
+
+impl World {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki =
+            shuyuan::pki::dev_pki(&dir.path().join("certs"), GATEWAY_ID, &[]).expect("dev pki");
+        Self { dir, pki }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves one simulated device on 127.0.0.1; stops when the token fires.
+pub async fn start_sim(device: Arc<Device>, stop: &CancellationToken) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let addr = l.local_addr().expect("sim addr");
+    tokio::spawn(shuyuan::sim::serve(l, device, stop.clone()));
+    addr
+}
+
+pub struct RunningReceiver {
+    pub addr: SocketAddr,
+    pub out_dir: PathBuf,
+    pub stats: Arc<ReceiverStats>,
+    pub stop: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl RunningReceiver {
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Every record line the receiver wrote for a gateway, in file order.
+    pub fn records(&self, gateway: &str) -> Vec<serde_json::Value> {
+        let dir = self.out_dir.join(gateway);
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.filter_map(Result::ok).map(|e| e.path()).collect(),
+            Err(_) => return Vec::new(),
+        };
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .expect("read output")
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .map(|l| serde_json::from_str(&l).expect("output line is JSON"))
+            .collect()
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the reference receiver of `world` on 127.0.0.1 (or on `listen`).
+pub async fn start_receiver(world: &World, listen: Option<SocketAddr>) -> RunningReceiver {
+    let p = &world.pki;
+    let cfg = ReceiverConfig {
+        listen: listen.map_or("127.0.0.1:0".into(), |a| a.to_string()),
+        client_ca: p.ca(),
+        cert: p.server_cert(),
+        key: p.server_key(),
+        hpke_key: p.hpke_private(),
+        out_dir: world.path().join("received"),
+    };
+    let r = Receiver::bind(&cfg).await.expect("receiver binds");
+    let addr = r.local_addr().expect("receiver addr");
+    let stats = r.stats();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(r.serve(stop.clone()));
+    RunningReceiver {
+        addr,
+        out_dir: cfg.out_dir,
+        stats,
+        stop,
+        task,
+    }
+}
+
+/// Writes a gateway config file into the world (paths relative to it) and loads it the way
+/// `shuyuan run` does. `body` holds the [[sources]] and [policies] parts.
+pub fn gateway_config(world: &World, url: &str, batch_age: &str, body: &str) -> Config {
+    let text = format!(
+        r#"[gateway]
+id = "{GATEWAY_ID}"
+state_dir = "state"
+
+[uplink]
+url = "{url}"
+ca = "certs/platform-ca.pem"
+cert = "certs/gateway.pem"
+key = "certs/gateway.key"
+recipient = "certs/platform-hpke.pub"
+timeout = "5s"
+backoff_min = "100ms"
+backoff_max = "1s"
+
+[batch]
+max_records = 1000
+max_age = "{batch_age}"
+
+{body}
+"#
+    );
+    let path = world.path().join("gateway.toml");
+    std::fs::write(&path, text).expect("write config");
+    match shuyuan::config::load(&path) {
+        Ok(l) => l.config,
+        Err(e) => panic!("test config invalid:\n{e}"),
+    }
+}
+
+pub struct RunningGateway {
+    pub stop: CancellationToken,
+    pub stats: Arc<Stats>,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningGateway {
+    /// Stops it the way SIGTERM does and waits for the drain.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+pub fn start_gateway(config: Config) -> RunningGateway {
+    let stop = CancellationToken::new();
+    let stats = Arc::new(Stats::default());
+    let task = tokio::spawn({
+        let (stop, stats) = (stop.clone(), stats.clone());
+        async move { shuyuan::daemon::run(&config, stop, stats).await }
+    });
+    RunningGateway { stop, stats, task }
+}
+
+/// Polls `cond` every 50 ms until it holds or `limit` passes; returns whether it held.
+pub async fn wait_until<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An mTLS HTTP client presenting `cert`/`key`, trusting `ca`, for posting envelopes by hand.
+pub fn client(ca: &Path, cert: &Path, key: &Path, url: &str) -> shuyuan::uplink::HttpClient {
+    let tls = shuyuan::tls::client_config(ca, cert, key).expect("client tls");
+    let ep = shuyuan::uplink::Endpoint::parse(url).expect("url");
+    shuyuan::uplink::HttpClient::new(ep, tls, Duration::from_secs(5)).expect("client")
+}

@@ -22,6 +22,7 @@ use crate::timefmt::now_ms;
 
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
+const SEND_GRACE: Duration = Duration::from_secs(5);
 
 /// `host:port` with a numeric port; the host may be a name resolved at connect time.
 pub fn check_address(a: &str) -> Result<(), String> {
@@ -126,15 +127,14 @@ impl ModbusTcpSource {
             let Some(c) = ctx.as_mut() else { continue };
             let ts_ms = now_ms();
             data.clear();
-            let outcome = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.poll(c, &mut data) => r,
-            };
+            // A poll under way finishes even during shutdown (its requests have timeouts):
+            // the device has answered, so the record is kept.
+            let outcome = self.poll(c, &mut data).await;
             match outcome {
                 Ok(()) => {
                     let mut fields = Vec::with_capacity(self.plan.point_count() + self.tags.len());
                     if let Err(e) = self.plan.decode(&data, &mut fields) {
-                        self.fail(&format!("{e}"));
+                        self.fail(&e);
                         continue;
                     }
                     fields.extend(self.tags.iter().cloned());
@@ -148,10 +148,17 @@ impl ModbusTcpSource {
                         fields,
                     };
                     next_seq += 1;
-                    // Back-pressure: wait for room, but never past shutdown.
+                    // Back-pressure: wait for room; after shutdown, only for a while.
+                    let give_up = async {
+                        shutdown.cancelled().await;
+                        tokio::time::sleep(SEND_GRACE).await;
+                    };
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
                         r = tx.send(rec) => if r.is_err() { break },
+                        _ = give_up => {
+                            tracing::error!(source = %self.id, "pipeline did not take the last record before shutdown; 1 record lost");
+                            break;
+                        }
                     }
                 }
                 Err(PollError::Exception(e)) => self.fail(&e),

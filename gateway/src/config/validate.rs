@@ -199,6 +199,7 @@ fn check_uplink(config: &Config, p: &mut Problems) {
             Ok(_) => {}
         }
     }
+    check_identity(config, p);
     if u.timeout.0.is_zero() {
         p.error(at.key("timeout"), "timeout must be more than zero");
     }
@@ -268,6 +269,48 @@ fn check_modbus_tcp(s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
             let mut path = at.clone();
             path.0.extend(rel.0);
             p.error(path, msg);
+        }
+    }
+}
+
+/// The client certificate must hold the signing key and name this gateway, or the platform
+/// refuses every batch. Checked only when both files could be read (else reported above).
+fn check_identity(config: &Config, p: &mut Problems) {
+    let u = &config.uplink;
+    let at = KeyPath::root().key("uplink").key("cert");
+    let (Ok(certs), Ok(signer)) = (
+        crate::tls::load_certs(&u.cert),
+        crate::keys::Signer::load(&u.key),
+    ) else {
+        if let Err(e) = crate::tls::load_certs(&u.cert) {
+            if u.cert.is_file() {
+                p.error(at, e.to_string());
+            }
+        }
+        return;
+    };
+    match crate::tls::identity(&certs[0]) {
+        Err(e) => p.error(at, format!("{}: {e}", u.cert.display())),
+        Ok(id) => {
+            if id.spki_der != signer.spki_der() {
+                p.error(
+                    at.clone(),
+                    format!(
+                        "{} is not the certificate of key {}",
+                        u.cert.display(),
+                        u.key.display()
+                    ),
+                );
+            }
+            if id.cn != config.gateway.id && check_identifier(&config.gateway.id).is_ok() {
+                p.error(
+                    at,
+                    format!(
+                        "certificate CN is {:?} but gateway.id is {:?}: they must be equal (the platform checks it)",
+                        id.cn, config.gateway.id
+                    ),
+                );
+            }
         }
     }
 }

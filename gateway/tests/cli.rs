@@ -1,0 +1,127 @@
+//! The `shuyuan` binary as a user runs it: `check` on the shipped examples, exit codes,
+//! `certs dev-pki` file modes.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+fn shuyuan() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shuyuan"))
+}
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Copies an example next to a fresh dev PKI in `certs/`, as an installation has it.
+fn install_example(name: &str, dir: &Path, gateway_id: &str) -> std::path::PathBuf {
+    let cfg = dir.join(name);
+    std::fs::copy(repo().join("firmware-config").join(name), &cfg).unwrap();
+    let out = shuyuan()
+        .args(["certs", "dev-pki", "--out"])
+        .arg(dir.join("certs"))
+        .args(["--gateway-id", gateway_id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cfg
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo().join("firmware-config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let id = text
+            .lines()
+            .find_map(|l| l.strip_prefix("id = \""))
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_owned();
+        let cfg = install_example(name, dir.path(), &id);
+        let out = shuyuan()
+            .args(["check", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(": OK"));
+        n += 1;
+        // A certificate for another gateway is caught by check, not by the platform.
+        let other = tempfile::tempdir().unwrap();
+        let cfg = install_example(name, other.path(), "GW-SOMEONE-ELSE");
+        let out = shuyuan()
+            .args(["check", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("certificate CN is \"GW-SOMEONE-ELSE\"")
+        );
+    }
+    assert!(n >= 1, "no example configs found");
+}
+
+#[test]
+fn check_without_certificates_exits_64_naming_each_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("water.toml");
+    std::fs::copy(repo().join("firmware-config/water.toml"), &cfg).unwrap();
+    let out = shuyuan()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["ca file", "cert file", "key file", "recipient file"] {
+        assert!(err.contains(key), "{key} not named in:\n{err}");
+    }
+    assert!(
+        err.lines()
+            .all(|l| l.starts_with(&cfg.display().to_string())),
+        "{err}"
+    );
+}
+
+#[test]
+fn dev_pki_private_keys_are_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    install_example("water.toml", dir.path(), "GW-X");
+    for entry in std::fs::read_dir(dir.path().join("certs")).unwrap() {
+        let p = entry.unwrap().path();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        if p.extension().is_some_and(|e| e == "key") {
+            assert_eq!(mode, 0o600, "{}", p.display());
+        } else {
+            assert_eq!(mode & 0o077 & 0o022, 0, "{}", p.display());
+        }
+    }
+}
+
+#[test]
+fn version_and_usage_errors() {
+    let out = shuyuan().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("shuyuan "));
+    let out = shuyuan().arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,5 @@
+//! The one integration test binary: end-to-end and fault tests sharing `shuyuan_tests`.
+
+mod config_errors;
+mod e2e;
+mod receiver;
