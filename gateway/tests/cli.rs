@@ -1,6 +1,9 @@
 //! The `shuyuan` binary as a user runs it: `check` on the shipped examples, exit codes,
 //! `certs dev-pki` file modes.
 
+// Test helpers: a panic here is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
