@@ -221,12 +221,15 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                     Profile::Pump => (shuyuan::sim::pump_station, shuyuan::sim::pump_station_step),
                     Profile::Load => (shuyuan::sim::load_device, shuyuan::sim::load_device_step),
                 };
-                let fleet = (0..devices).map(|_| make()).collect();
-                let addrs = shuyuan::sim::serve_fleet(listen, fleet, step, stop.clone()).await?;
+                let fleet: Vec<_> = (0..devices).map(|_| make()).collect();
+                let addrs =
+                    shuyuan::sim::serve_fleet(listen, fleet.clone(), step, stop.clone()).await?;
                 for (i, a) in addrs.iter().enumerate() {
                     println!("device {} modbus-tcp {a}", i + 1);
                 }
                 stop.cancelled().await;
+                let served: u64 = fleet.iter().map(|d| d.served()).sum();
+                println!("served {served} read requests");
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)

@@ -74,7 +74,7 @@ pub async fn run(
         match s.kind {
             SourceKind::ModbusTcp => {
                 let id: Arc<str> = Arc::from(s.id.as_str());
-                let src = ModbusTcpSource::from_config(s, stats.source(&id))
+                let src = ModbusTcpSource::from_config(s, config.points_of(s), stats.source(&id))
                     .map_err(anyhow::Error::msg)?;
                 let next = resume.source_seqs.get(&s.id).map_or(1, |v| v + 1);
                 tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next));
@@ -157,18 +157,19 @@ fn check_certificate(config: &Config, signer: &Signer) -> anyhow::Result<()> {
 }
 
 /// The seal stage: numbers, seals and commits each batch, then wakes the uplink.
-struct Sealer {
-    gateway_id: String,
-    recipient: HpkePublicKey,
-    signer: Arc<Signer>,
-    outbox: Outbox,
-    next_seq: u64,
-    wake: Arc<Notify>,
-    stats: Arc<PipelineStats>,
+pub struct Sealer {
+    pub gateway_id: String,
+    pub recipient: HpkePublicKey,
+    pub signer: Arc<Signer>,
+    pub outbox: Outbox,
+    pub next_seq: u64,
+    pub wake: Arc<Notify>,
+    pub stats: Arc<PipelineStats>,
 }
 
 impl Sealer {
-    async fn run(
+    /// Runs until its input closes; then fires `sealed_all`.
+    pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Batch>,
         shutdown: CancellationToken,

@@ -8,6 +8,7 @@
 
 use std::future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,12 +58,14 @@ impl Tables {
 #[derive(Debug, Default)]
 pub struct Device {
     tables: Mutex<Tables>,
+    served: AtomicU64,
 }
 
 impl Device {
     pub fn new(t: Tables) -> Arc<Self> {
         Arc::new(Self {
             tables: Mutex::new(t),
+            served: AtomicU64::new(0),
         })
     }
 
@@ -76,7 +79,20 @@ impl Device {
         self.tables.lock().map(|t| t.clone()).unwrap_or_default()
     }
 
+    /// Read requests answered (exceptions excluded).
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
     fn serve(&self, req: Request<'_>) -> Result<Response, ExceptionCode> {
+        let r = self.answer(req);
+        if r.is_ok() {
+            self.served.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn answer(&self, req: Request<'_>) -> Result<Response, ExceptionCode> {
         let mut t = self
             .tables
             .lock()

@@ -29,17 +29,43 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 /// `2026-11-25T01:02:03.456Z` for a Unix time in milliseconds.
 pub fn rfc3339_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let milli = ms.rem_euclid(1000);
-    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
-    let sod = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    let mut out = Vec::with_capacity(24);
+    write_rfc3339_ms(ms, &mut out);
+    String::from_utf8(out).unwrap_or_default()
 }
+
+/// Appends `2026-11-25T01:02:03.456Z` to `out` without allocating (the batcher's hot path).
+pub fn write_rfc3339_ms(ms: i64, out: &mut Vec<u8>) {
+    let secs = ms.div_euclid(1000);
+    let milli = ms.rem_euclid(1000) as usize;
+    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
+    let sod = secs.rem_euclid(86_400) as usize;
+    let year = y.clamp(0, 9999) as usize;
+    let two = |v: usize| &PAIRS[2 * v..2 * v + 2];
+    out.extend_from_slice(two(year / 100));
+    out.extend_from_slice(two(year % 100));
+    out.push(b'-');
+    out.extend_from_slice(two(mo as usize));
+    out.push(b'-');
+    out.extend_from_slice(two(d as usize));
+    out.push(b'T');
+    out.extend_from_slice(two(sod / 3600));
+    out.push(b':');
+    out.extend_from_slice(two((sod / 60) % 60));
+    out.push(b':');
+    out.extend_from_slice(two(sod % 60));
+    out.push(b'.');
+    out.push(b'0' + (milli / 100) as u8);
+    out.extend_from_slice(two(milli % 100));
+    out.push(b'Z');
+}
+
+/// "00" to "99", for writing two digits at a time.
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
 
 /// `2026-11-25` (UTC) for a Unix time in milliseconds.
 pub fn utc_date(ms: i64) -> String {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub use super::points::ReadPlan;
 use super::points::{Read, ReadData};
 use super::{Field, Record, Value};
-use crate::config::{RegisterKind, SourceConfig};
+use crate::config::{PointConfig, RegisterKind, SourceConfig};
 use crate::stats::SourceStats;
 use crate::timefmt::now_ms;
 
@@ -52,8 +52,12 @@ enum PollError {
 }
 
 impl ModbusTcpSource {
-    pub fn from_config(cfg: &SourceConfig, stats: Arc<SourceStats>) -> Result<Self, String> {
-        let plan = ReadPlan::build(&cfg.points).map_err(|e| {
+    pub fn from_config(
+        cfg: &SourceConfig,
+        points: &[PointConfig],
+        stats: Arc<SourceStats>,
+    ) -> Result<Self, String> {
+        let plan = ReadPlan::build(points).map_err(|e| {
             e.into_iter()
                 .map(|(p, m)| format!("{p}: {m}"))
                 .collect::<Vec<_>>()

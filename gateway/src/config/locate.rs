@@ -3,23 +3,25 @@
 
 use super::{KeyPath, Seg};
 
-pub struct Locator {
-    text: String,
-    doc: Option<toml_edit::Document<String>>,
+/// Parses the document for spans only when a path must be located: a valid config never
+/// pays for the second parse (which, for a large point list, costs megabytes).
+pub struct Locator<'a> {
+    text: &'a str,
+    doc: std::cell::OnceCell<Option<toml_edit::Document<String>>>,
 }
 
-impl Locator {
-    pub fn new(text: &str) -> Self {
+impl<'a> Locator<'a> {
+    pub fn new(text: &'a str) -> Self {
         Self {
-            text: text.to_owned(),
-            doc: toml_edit::Document::parse(text.to_owned()).ok(),
+            text,
+            doc: std::cell::OnceCell::new(),
         }
     }
 
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
-        let before = self.text.get(..offset).unwrap_or(&self.text);
+        let before = self.text.get(..offset).unwrap_or(self.text);
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let col = before[line_start..].chars().count() + 1;
@@ -29,7 +31,10 @@ impl Locator {
     /// The place of the deepest part of `path` that exists in the document: the value itself
     /// when it is there, else the table that should hold it.
     pub fn locate(&self, path: &KeyPath) -> (usize, usize) {
-        let Some(doc) = &self.doc else { return (1, 1) };
+        let doc = self
+            .doc
+            .get_or_init(|| toml_edit::Document::parse(self.text.to_owned()).ok());
+        let Some(doc) = doc else { return (1, 1) };
         let mut item = doc.as_item();
         let mut best: Option<usize> = None;
         for seg in &path.0 {

@@ -33,6 +33,26 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     #[serde(default)]
     pub policies: BTreeMap<String, PolicyConfig>,
+    /// Device profiles: a point list written once and used by many sources.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileConfig>,
+}
+
+impl Config {
+    /// The points a source reads: its own, or its profile's.
+    pub fn points_of<'a>(&'a self, s: &'a SourceConfig) -> &'a [PointConfig] {
+        match &s.profile {
+            Some(name) => self.profiles.get(name).map_or(&[], |p| p.points.as_slice()),
+            None => &s.points,
+        }
+    }
+}
+
+/// The register map of a device model, shared by every source that names it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    pub points: Vec<PointConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +195,9 @@ pub struct SourceConfig {
     pub tags: BTreeMap<String, String>,
     #[serde(default)]
     pub points: Vec<PointConfig>,
+    /// Or: the name of a table under `[profiles]` whose points this source reads.
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 fn default_unit() -> u8 {

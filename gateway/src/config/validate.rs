@@ -67,6 +67,14 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         }
     }
 
+    for (name, prof) in &config.profiles {
+        let at = root.key("profiles").key(name.as_str());
+        if prof.points.is_empty() {
+            p.error(at.key("points"), format!("profile {name:?} has no points"));
+        }
+        plan_problems(&prof.points, &at, &mut p);
+    }
+
     let mut ids = BTreeSet::new();
     for (i, s) in config.sources.iter().enumerate() {
         let at = root.key("sources").idx(i);
@@ -98,10 +106,11 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             p.error(at.key("timeout"), "timeout must be more than zero");
         }
         match s.kind {
-            SourceKind::ModbusTcp => check_modbus_tcp(s, &at, &mut p),
+            SourceKind::ModbusTcp => check_modbus_tcp(config, s, &at, &mut p),
         }
+        let points = config.points_of(s);
         let mut names = BTreeSet::new();
-        for (j, pt) in s.points.iter().enumerate() {
+        for (j, pt) in points.iter().enumerate() {
             if !names.insert(pt.name.as_str()) {
                 p.error(
                     at.key("points").idx(j).key("name"),
@@ -121,8 +130,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             }
         }
         if let Some(policy) = compiled.get(s.policy.as_str()) {
-            let fields = s
-                .points
+            let fields = points
                 .iter()
                 .map(|pt| pt.name.as_str())
                 .chain(s.tags.keys().map(String::as_str));
@@ -243,7 +251,7 @@ fn check_batch(config: &Config, p: &mut Problems) {
     }
 }
 
-fn check_modbus_tcp(s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
+fn check_modbus_tcp(config: &Config, s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
     match s.address.as_deref() {
         None => p.error(
             at.key("address"),
@@ -258,13 +266,36 @@ fn check_modbus_tcp(s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
             }
         }
     }
-    if s.points.is_empty() {
-        p.error(
+    match &s.profile {
+        Some(name) if !s.points.is_empty() => p.error(
+            at.key("profile"),
+            format!(
+                "source {:?} has both points and profile = {name:?}: use one",
+                s.id
+            ),
+        ),
+        Some(name) if !config.profiles.contains_key(name) => {
+            let known: Vec<&str> = config.profiles.keys().map(String::as_str).collect();
+            p.error(
+                at.key("profile"),
+                format!("source {:?} names profile {name:?}, which is not defined under [profiles]; known: {known:?}", s.id),
+            )
+        }
+        // A profile's own points are checked once, under [profiles].
+        Some(_) => {}
+        None if s.points.is_empty() => p.error(
             at.key("points"),
-            format!("source {:?} has no points to read", s.id),
-        );
+            format!(
+                "source {:?} has no points to read (add points or a profile)",
+                s.id
+            ),
+        ),
+        None => plan_problems(&s.points, at, p),
     }
-    if let Err(errs) = ReadPlan::build(&s.points) {
+}
+
+fn plan_problems(points: &[super::PointConfig], at: &KeyPath, p: &mut Problems) {
+    if let Err(errs) = ReadPlan::build(points) {
         for (rel, msg) in errs {
             let mut path = at.clone();
             path.0.extend(rel.0);
@@ -272,7 +303,6 @@ fn check_modbus_tcp(s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
         }
     }
 }
-
 /// The client certificate must hold the signing key and name this gateway, or the platform
 /// refuses every batch. Checked only when both files could be read (else reported above).
 fn check_identity(config: &Config, p: &mut Problems) {

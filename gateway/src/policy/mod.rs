@@ -32,6 +32,8 @@ pub struct Rule {
 /// What a policy did to one record's fields.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
+    /// Records counted (1 per applied record).
+    pub records: u32,
     pub kept: u32,
     pub masked: u32,
     pub dropped: u32,
@@ -41,6 +43,7 @@ pub struct Tally {
 
 impl Tally {
     pub fn add(&mut self, o: &Tally) {
+        self.records += o.records;
         self.kept += o.kept;
         self.masked += o.masked;
         self.dropped += o.dropped;
@@ -48,16 +51,40 @@ impl Tally {
     }
 }
 
+/// FNV-1a: field names are short and trusted (they come from the config), so a simple
+/// fast hash serves the per-field lookup better than SipHash's flood resistance.
+#[derive(Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
-    rules: HashMap<Arc<str>, Rule>,
+    rules: FastMap<Arc<str>, Rule>,
 }
 
 impl Policy {
     /// Compiles a policy table. Errors carry a path relative to the policy's table.
     pub fn compile(cfg: &PolicyConfig) -> Result<Self, Vec<(KeyPath, String)>> {
         let mut errs = Vec::new();
-        let mut rules = HashMap::new();
+        let mut rules = FastMap::default();
         for (name, r) in &cfg.fields {
             let at = KeyPath::root().key("fields").key(name.as_str());
             match compile_rule(name, r) {
@@ -80,7 +107,10 @@ impl Policy {
 
     /// Applies the policy to a record in place.
     pub fn apply(&self, rec: &mut Record) -> Tally {
-        let mut t = Tally::default();
+        let mut t = Tally {
+            records: 1,
+            ..Tally::default()
+        };
         rec.fields.retain_mut(|f| match self.rules.get(&f.name) {
             None => {
                 t.unlisted += 1;
@@ -136,8 +166,11 @@ fn compile_rule(name: &str, r: &FieldRuleConfig) -> Result<Rule, (&'static str, 
 }
 
 fn mask_field(f: &mut Field, head: usize, tail: usize, ch: char) {
-    let text = f.value.to_text();
-    f.value = Value::Text(Arc::from(mask(&text, head, tail, ch)));
+    let masked = match &f.value {
+        Value::Text(t) => mask(t, head, tail, ch),
+        other => mask(&other.to_text(), head, tail, ch),
+    };
+    f.value = Value::Text(Arc::from(masked));
 }
 
 /// Masks all but `head` leading and `tail` trailing characters. When the text is too short to
@@ -219,6 +252,7 @@ mod tests {
         assert_eq!(
             t,
             Tally {
+                records: 1,
                 kept: 1,
                 masked: 1,
                 dropped: 1,

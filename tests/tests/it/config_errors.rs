@@ -169,6 +169,22 @@ fn duplicate_source_ids_and_every_problem_are_reported_at_once() {
 }
 
 #[test]
+fn sources_can_share_a_device_profile_and_unknown_profiles_are_named() {
+    let w = World::new();
+    let with_profile = GOOD.replace(
+        "points = [\n  { name = \"flow\", register = \"holding\", address = 100, type = \"f32\", order = \"CDAB\" },\n]\n",
+        "profile = \"pump-v2\"\n",
+    ) + "\n[profiles.pump-v2]\npoints = [\n  { name = \"flow\", register = \"holding\", address = 100, type = \"f32\" },\n]\n";
+    assert!(
+        problems(&w, &with_profile).is_empty(),
+        "{:#?}",
+        problems(&w, &with_profile)
+    );
+    let typo = with_profile.replace("profile = \"pump-v2\"", "profile = \"pump-v3\"");
+    expect(&w, &typo, 18, "profile \"pump-v3\", which is not defined");
+}
+
+#[test]
 fn a_world_readable_private_key_is_refused_with_the_fix() {
     use std::os::unix::fs::PermissionsExt;
     let w = World::new();
