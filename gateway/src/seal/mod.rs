@@ -301,5 +301,35 @@ pub fn derive_hpke_keypair(ikm: &[u8]) -> (HpkePrivateKey, HpkePublicKey) {
     <Kem as hpke::Kem>::derive_keypair(ikm)
 }
 
+/// A self-describing test vector (the format of docs/vectors/batch-v1.json): a fresh
+/// envelope with everything an independent implementation needs to check it.
+pub fn test_vector(body: &str, meta: &BatchMeta<'_>, signer: &Signer) -> Result<serde_json::Value, SealError> {
+    let (sk, pk) = derive_hpke_keypair(VECTOR_SEED);
+    let records = body.lines().count() as u32;
+    let meta = BatchMeta { records, ..meta.clone() };
+    let env = seal(body.as_bytes(), &meta, &pk, signer, 1)?;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    Ok(serde_json::json!({
+        "description": "Shuyuan batch envelope v1 test vector: see docs/protocol.md",
+        "hpke_info": std::str::from_utf8(HPKE_INFO).unwrap_or_default(),
+        "recipient_private_key_hex": hex(&sk.to_bytes()),
+        "recipient_public_key_hex": hex(&pk.to_bytes()),
+        "signer_spki_der_hex": hex(&signer.spki_der()),
+        "signer_key_id_hex": hex(&signer.key_id()),
+        "envelope_hex": hex(&env),
+        "expected": {
+            "gateway_id": meta.gateway_id,
+            "seq": meta.seq,
+            "created_ms": meta.created_ms,
+            "records": records,
+            "plaintext_len": body.len(),
+            "plaintext": body,
+        }
+    }))
+}
+
+/// The seed of the test vectors' recipient key (RFC 9180 DeriveKeyPair input).
+pub const VECTOR_SEED: &[u8] = b"shuyuan protocol test vector v1";
+
 #[cfg(test)]
 mod tests;

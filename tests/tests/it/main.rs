@@ -2,4 +2,5 @@
 
 mod config_errors;
 mod e2e;
+mod interop;
 mod receiver;
