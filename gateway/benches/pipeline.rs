@@ -333,7 +333,7 @@ fn main() {
             .unwrap();
             let s = Instant::now();
             for (i, e) in sealed.iter().enumerate() {
-                ob.append(i as u64 + 1, 0, 5000, e.clone(), Default::default())
+                ob.append(i as u64 + 1, 0, 5000, e.clone().into(), Default::default())
                     .await
                     .unwrap();
             }

@@ -15,9 +15,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{\"source\":\"pump-station-3\",\"ts\":\"2026-11-25T01:00:00.000Z\",\"seq\":1,\"fields\":{\"flow_m3h\":118.5,\"meter_id\":\"WTR-*********17\",\"station\":\"和平区3号泵站\"}}\n",
         "{\"source\":\"pump-station-3\",\"ts\":\"2026-11-25T01:00:01.000Z\",\"seq\":2,\"fields\":{\"flow_m3h\":118.7,\"meter_id\":\"WTR-*********17\",\"station\":\"和平区3号泵站\"}}\n",
     );
-    let meta = BatchMeta { gateway_id: "GW-TJ-WATER-0001", seq: 42, created_ms: 1_795_568_400_000, records: 2 };
+    let meta = BatchMeta {
+        gateway_id: "GW-TJ-WATER-0001",
+        seq: 42,
+        created_ms: 1_795_568_400_000,
+        records: 2,
+    };
     let v = seal::test_vector(body, &meta, &signer)?;
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/vectors/batch-v1.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/vectors/batch-v1.json");
     std::fs::write(&path, serde_json::to_string_pretty(&v)? + "\n")?;
     println!("wrote {}", path.display());
     Ok(())

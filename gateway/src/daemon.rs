@@ -191,7 +191,7 @@ impl Sealer {
             records: b.records,
         };
         let envelope = match seal::seal(&b.body, &meta, &self.recipient, &self.signer, ZSTD_LEVEL) {
-            Ok(e) => e,
+            Ok(e) => bytes::Bytes::from(e),
             Err(e) => {
                 // Cannot happen with valid keys; if it does, the records are lost: say so.
                 tracing::error!(
@@ -202,6 +202,7 @@ impl Sealer {
                 return;
             }
         };
+        drop(b.body);
         let size = envelope.len() as u64;
         // Bounded: a store that keeps failing (or stays full under "pause") holds the stage
         // at most this long per try; shutdown gives up sooner.

@@ -117,7 +117,7 @@ impl Outbox {
         seq: u64,
         created_ms: i64,
         records: u32,
-        envelope: Vec<u8>,
+        envelope: bytes::Bytes,
         source_seqs: BTreeMap<Arc<str>, u64>,
     ) -> Result<Evicted, OutboxError> {
         let quota = self.quota;
@@ -316,10 +316,12 @@ mod tests {
         assert_eq!(resume.last_seq, 0);
         let mut seqs = BTreeMap::new();
         seqs.insert(Arc::from("pump"), 41u64);
-        ob.append(1, 10, 5, vec![1; 100], seqs.clone())
+        ob.append(1, 10, 5, vec![1; 100].into(), seqs.clone())
             .await
             .unwrap();
-        ob.append(2, 11, 5, vec![2; 100], seqs).await.unwrap();
+        ob.append(2, 11, 5, vec![2; 100].into(), seqs)
+            .await
+            .unwrap();
         assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 1);
         assert_eq!(ob.next_pending(Some(1)).await.unwrap().unwrap().seq, 2);
         ob.ack(1).await.unwrap();
@@ -340,14 +342,14 @@ mod tests {
         let (ob, _, _h) = Outbox::open(dir.path(), quota(250)).unwrap();
         for seq in 1..=2 {
             assert_eq!(
-                ob.append(seq, 0, 3, vec![0; 100], BTreeMap::new())
+                ob.append(seq, 0, 3, vec![0; 100].into(), BTreeMap::new())
                     .await
                     .unwrap(),
                 Evicted::default()
             );
         }
         let ev = ob
-            .append(3, 0, 3, vec![0; 100], BTreeMap::new())
+            .append(3, 0, 3, vec![0; 100].into(), BTreeMap::new())
             .await
             .unwrap();
         assert_eq!(
@@ -368,11 +370,11 @@ mod tests {
             },
         )
         .unwrap();
-        ob.append(1, 0, 1, vec![0; 100], BTreeMap::new())
+        ob.append(1, 0, 1, vec![0; 100].into(), BTreeMap::new())
             .await
             .unwrap();
         let err = ob
-            .append(2, 0, 1, vec![0; 100], BTreeMap::new())
+            .append(2, 0, 1, vec![0; 100].into(), BTreeMap::new())
             .await
             .unwrap_err();
         assert!(matches!(err, OutboxError::Full { .. }));

@@ -303,10 +303,17 @@ pub fn derive_hpke_keypair(ikm: &[u8]) -> (HpkePrivateKey, HpkePublicKey) {
 
 /// A self-describing test vector (the format of docs/vectors/batch-v1.json): a fresh
 /// envelope with everything an independent implementation needs to check it.
-pub fn test_vector(body: &str, meta: &BatchMeta<'_>, signer: &Signer) -> Result<serde_json::Value, SealError> {
+pub fn test_vector(
+    body: &str,
+    meta: &BatchMeta<'_>,
+    signer: &Signer,
+) -> Result<serde_json::Value, SealError> {
     let (sk, pk) = derive_hpke_keypair(VECTOR_SEED);
     let records = body.lines().count() as u32;
-    let meta = BatchMeta { records, ..meta.clone() };
+    let meta = BatchMeta {
+        records,
+        ..meta.clone()
+    };
     let env = seal(body.as_bytes(), &meta, &pk, signer, 1)?;
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     Ok(serde_json::json!({

@@ -189,3 +189,68 @@ async fn outage_then_recovery_delivers_the_backlog_in_order() {
     stop.cancel();
     rx.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceptions_and_dead_devices_are_counted_while_healthy_sources_keep_flowing() {
+    let world = World::new();
+    let stop = CancellationToken::new();
+    let good = start_sim(known_device(), &stop).await;
+    // A device with a small register map: reading address 100 answers an exception.
+    let small = start_sim(Device::new(Tables::sized(10, 10, 10, 10)), &stop).await;
+    // Nothing listens here.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let extra = |id: &str, addr: &str| {
+        format!(
+            "\n[[sources]]\nid = \"{id}\"\nkind = \"modbus-tcp\"\naddress = \"{addr}\"\ninterval = \"100ms\"\ntimeout = \"300ms\"\npolicy = \"telemetry\"\npoints = [ {{ name = \"flow\", register = \"holding\", address = 100, type = \"f32\" }} ]\n"
+        )
+    };
+    let body = SOURCES.replace("ADDR", &good.to_string())
+        + &extra("small", &small.to_string())
+        + &extra("dead", &dead.to_string());
+    let rx = start_receiver(&world, None).await;
+    let gw = start_gateway(gateway_config(&world, &rx.url(), "300ms", &body));
+    let flowing = wait_until(Duration::from_secs(30), || async {
+        rx.records(GATEWAY_ID).len() >= 10
+    })
+    .await;
+    assert!(flowing);
+    let by_id = |id: &str| {
+        gw.stats
+            .sources
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(s, _)| &**s == id)
+            .map(|(_, s)| s.clone())
+            .unwrap()
+    };
+    use std::sync::atomic::Ordering::Relaxed;
+    let small_stats = by_id("small");
+    let dead_stats = by_id("dead");
+    assert!(
+        small_stats.exceptions.load(Relaxed) >= 1,
+        "exception counted"
+    );
+    assert_eq!(small_stats.polls_ok.load(Relaxed), 0);
+    assert!(
+        small_stats.last_error().unwrap().contains("exception"),
+        "{:?}",
+        small_stats.last_error()
+    );
+    assert!(
+        dead_stats.connects_failed.load(Relaxed) >= 1,
+        "failed connects counted"
+    );
+    assert!(dead_stats.polls_failed.load(Relaxed) >= 1);
+    gw.shutdown().await.unwrap();
+    let recs = rx.records(GATEWAY_ID);
+    assert!(
+        recs.iter().all(|r| r["source"] == "pump-1"),
+        "only the healthy source produced records"
+    );
+    stop.cancel();
+    rx.shutdown().await;
+}

@@ -15,7 +15,8 @@ fn repo() -> PathBuf {
 
 /// The venv `./test` (and CI) creates with tests/interop/requirements.txt.
 fn python() -> PathBuf {
-    let p = std::env::var_os("SHUYUAN_PYTHON").map_or_else(|| repo().join(".venv/bin/python"), PathBuf::from);
+    let p = std::env::var_os("SHUYUAN_PYTHON")
+        .map_or_else(|| repo().join(".venv/bin/python"), PathBuf::from);
     assert!(
         p.exists(),
         "{} is missing: run ./test (it creates the venv), or: python3 -m venv .venv && .venv/bin/pip install -r tests/interop/requirements.txt",
@@ -25,9 +26,21 @@ fn python() -> PathBuf {
 }
 
 fn open_with_python(vector: &std::path::Path) -> String {
-    let out = Command::new(python()).arg(repo().join("tests/interop/open_envelope.py")).arg(vector).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "independent reader failed on {}:\n{text}", vector.display());
+    let out = Command::new(python())
+        .arg(repo().join("tests/interop/open_envelope.py"))
+        .arg(vector)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "independent reader failed on {}:\n{text}",
+        vector.display()
+    );
     text
 }
 
@@ -44,7 +57,12 @@ fn python_reader_opens_a_fresh_envelope_signed_with_a_gateway_certificate_key() 
     let body: String = (1..=50)
         .map(|i| format!("{{\"source\":\"s\",\"ts\":\"2026-11-25T00:00:00.000Z\",\"seq\":{i},\"fields\":{{\"v\":{i}.5,\"站\":\"和平区\"}}}}\n"))
         .collect();
-    let meta = BatchMeta { gateway_id: "GW-TEST-0001", seq: 9, created_ms: 1_795_568_400_123, records: 0 };
+    let meta = BatchMeta {
+        gateway_id: "GW-TEST-0001",
+        seq: 9,
+        created_ms: 1_795_568_400_123,
+        records: 0,
+    };
     let v = shuyuan::seal::test_vector(&body, &meta, &signer).unwrap();
     let path = world.path().join("fresh.json");
     std::fs::write(&path, v.to_string()).unwrap();
