@@ -16,7 +16,7 @@ use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
-use shuyuan::batch::{self, Batcher, Limits};
+use shuyuan::batch::{self, Batcher, Limits, SourceEncoder};
 use shuyuan::collect::{Field, Record, Value};
 use shuyuan::config::{ActionKind, FieldRuleConfig, Grade, OnFull, PolicyConfig};
 use shuyuan::daemon::{Sealer, ZSTD_LEVEL};
@@ -227,17 +227,21 @@ fn main() {
     // The same bytes the pipeline compresses: policy output as JSON Lines batches.
     let mut batches = Vec::new();
     let mut b = Batcher::new(limits());
+    let mut encoders: HashMap<Arc<str>, SourceEncoder> = HashMap::new();
     let mut t_build = Duration::ZERO;
     for round in 0..rounds {
         let mut input = pool.clone();
         let s = Instant::now();
         for (i, r) in input.iter_mut().enumerate() {
             r.seq = (round * POOL + i) as u64;
-            let t = policy.apply(r);
-            if let Some(done) = b.push(r, t) {
+            let enc = encoders
+                .entry(r.source.clone())
+                .or_insert_with(|| SourceEncoder::new(&r.source, policy.clone()));
+            if let Some(done) = b.push_with(&r.source, r.seq, |out| enc.encode(r, out)) {
                 batches.push(done.body);
             }
         }
+        drop(input);
         t_build += s.elapsed();
     }
     batches.extend(b.take().map(|d| d.body));

@@ -105,6 +105,10 @@ impl Policy {
         self.rules.contains_key(field)
     }
 
+    pub fn rule(&self, field: &str) -> Option<&Rule> {
+        self.rules.get(field)
+    }
+
     /// Applies the policy to a record in place.
     pub fn apply(&self, rec: &mut Record) -> Tally {
         let mut t = Tally {

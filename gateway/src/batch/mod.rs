@@ -11,10 +11,15 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::collect::{Record, Value};
+mod encode;
+mod json;
+
+pub use encode::SourceEncoder;
+pub use json::encode_line;
+
+use crate::collect::Record;
 use crate::policy::{FastMap, Policy, Tally};
 use crate::stats::PipelineStats;
-use crate::timefmt::write_rfc3339_ms;
 
 /// A closed batch: plaintext JSON Lines that exist only in memory until sealed.
 #[derive(Debug, Clone, Default)]
@@ -52,16 +57,30 @@ impl Batcher {
         }
     }
 
-    /// Adds one record; returns the batch it closed, if any. A batch that would grow past
-    /// `max_bytes` closes before the record, which then opens the next one.
+    /// Adds one record, encoded as it is; returns the batch it closed, if any.
     pub fn push(&mut self, rec: &Record, tally: Tally) -> Option<Batch> {
+        self.push_with(&rec.source, rec.seq, |out| {
+            encode_line(rec, out);
+            tally
+        })
+    }
+
+    /// Adds one line that `encode` appends (returning what the policy did); returns the
+    /// batch it closed, if any. A batch that would grow past `max_bytes` closes before the
+    /// line, which then opens the next.
+    pub fn push_with(
+        &mut self,
+        source: &Arc<str>,
+        seq: u64,
+        encode: impl FnOnce(&mut Vec<u8>) -> Tally,
+    ) -> Option<Batch> {
         if self.open.records == 0 {
             self.opened_at = Some(Instant::now());
             self.open.body.reserve(self.limits.max_bytes.min(1 << 20));
         }
         // Encode in place; if the line does not fit, it moves to the next batch.
         let start = self.open.body.len();
-        encode_line(rec, &mut self.open.body);
+        let tally = encode(&mut self.open.body);
         let mut closed = None;
         if self.open.records > 0 && self.open.body.len() > self.limits.max_bytes {
             let line = self.open.body.split_off(start);
@@ -74,10 +93,10 @@ impl Batcher {
         }
         self.open.records += 1;
         self.open.tally.add(&tally);
-        match self.seqs.get_mut(&rec.source) {
-            Some(s) => *s = (*s).max(rec.seq),
+        match self.seqs.get_mut(source) {
+            Some(s) => *s = (*s).max(seq),
             None => {
-                self.seqs.insert(rec.source.clone(), rec.seq);
+                self.seqs.insert(source.clone(), seq);
             }
         }
         if self.open.records >= self.limits.max_records
@@ -115,6 +134,15 @@ pub async fn run(
     stats: Arc<PipelineStats>,
 ) {
     let mut batcher = Batcher::new(limits);
+    // Policy and encoding fused per source (see encode.rs); a source without a policy (not
+    // possible after validation) would send records with no fields.
+    let mut encoders: FastMap<Arc<str>, SourceEncoder> = policies
+        .into_iter()
+        .map(|(source, policy)| {
+            let e = SourceEncoder::new(&source, policy);
+            (source, e)
+        })
+        .collect();
     // Take what has queued up in one wake: under load, one wake per record would cost more
     // than the record itself.
     let mut inbox: Vec<Record> = Vec::with_capacity(RECV_CHUNK);
@@ -132,22 +160,17 @@ pub async fn run(
             }
         }
         let mut t = Tally::default();
-        for mut rec in inbox.drain(..) {
-            let tally = match policies.get(&rec.source) {
-                Some(p) => p.apply(&mut rec),
-                // A source always has a policy (validated); if not, send nothing.
-                None => {
-                    let t = Tally {
-                        records: 1,
-                        unlisted: rec.fields.len() as u32,
-                        ..Tally::default()
-                    };
-                    rec.fields.clear();
-                    t
-                }
-            };
+        for rec in inbox.drain(..) {
+            let enc = encoders
+                .entry(rec.source.clone())
+                .or_insert_with(|| SourceEncoder::new(&rec.source, Arc::new(Policy::default())));
+            let mut tally = Tally::default();
+            let closed = batcher.push_with(&rec.source, rec.seq, |out| {
+                tally = enc.encode(&rec, out);
+                tally
+            });
             t.add(&tally);
-            if let Some(b) = batcher.push(&rec, tally) {
+            if let Some(b) = closed {
                 if tx.send(b).await.is_err() {
                     return;
                 }
@@ -171,80 +194,10 @@ async fn sleep_until_opt(t: Option<Instant>) {
     }
 }
 
-/// One record as a JSON line: `{"source":..,"ts":..,"seq":..,"fields":{..}}\n`.
-///
-/// Written by hand rather than through serde: this is the hottest loop of the gateway
-/// (every field of every record), and a direct writer is several times faster. Non-finite
-/// floats, which JSON cannot carry, are written as null.
-pub fn encode_line(rec: &Record, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"source\":");
-    json_str(&rec.source, out);
-    out.extend_from_slice(b",\"ts\":\"");
-    write_rfc3339_ms(rec.ts_ms, out);
-    out.extend_from_slice(b"\",\"seq\":");
-    out.extend_from_slice(itoa::Buffer::new().format(rec.seq).as_bytes());
-    out.extend_from_slice(b",\"fields\":{");
-    for (i, f) in rec.fields.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        json_str(&f.name, out);
-        out.push(b':');
-        match &f.value {
-            Value::Bool(true) => out.extend_from_slice(b"true"),
-            Value::Bool(false) => out.extend_from_slice(b"false"),
-            Value::Int(v) => out.extend_from_slice(itoa::Buffer::new().format(*v).as_bytes()),
-            Value::UInt(v) => out.extend_from_slice(itoa::Buffer::new().format(*v).as_bytes()),
-            Value::Float(v) if v.is_finite() => {
-                out.extend_from_slice(ryu::Buffer::new().format_finite(*v).as_bytes())
-            }
-            Value::Float(_) => out.extend_from_slice(b"null"),
-            Value::Text(t) => json_str(t, out),
-        }
-    }
-    out.extend_from_slice(b"}}\n");
-}
-
-/// A JSON string literal, escaping what RFC 8259 requires (quote, backslash, controls).
-fn json_str(s: &str, out: &mut Vec<u8>) {
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    // Nearly every name and value needs no escaping: check in one pass, copy in one go.
-    if bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.extend_from_slice(bytes);
-        out.push(b'"');
-        return;
-    }
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        if esc.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 15)]);
-        } else {
-            out.extend_from_slice(esc);
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collect::Field;
+    use crate::collect::{Field, Value};
 
     fn rec(seq: u64) -> Record {
         Record {
