@@ -103,13 +103,7 @@ fn records(n: usize) -> Vec<Record> {
 
 fn policy() -> Policy {
     let mut cfg = PolicyConfig::default();
-    let rule = |action, grade| FieldRuleConfig {
-        action,
-        grade,
-        keep_head: None,
-        keep_tail: None,
-        mask_char: None,
-    };
+    let rule = FieldRuleConfig::new;
     for f in [
         "flow_m3h",
         "pressure_kpa",
@@ -132,7 +126,7 @@ fn policy() -> Policy {
     m.keep_head = Some(4);
     m.keep_tail = Some(2);
     cfg.fields.insert("meter_id".into(), m);
-    Policy::compile(&cfg).unwrap()
+    Policy::compile(&cfg, None).unwrap()
 }
 
 fn limits() -> Limits {
@@ -186,6 +180,7 @@ fn run_pipeline(pool: &[Record], n: usize, policy: &Arc<Policy>) -> (Duration, u
         let sealed_all = CancellationToken::new();
         let sealer = Sealer {
             gateway_id: "GW-BENCH".into(),
+            pseudonym_key_id: String::new(),
             recipient: pk,
             signer: signer(),
             outbox: outbox.clone(),
@@ -314,6 +309,7 @@ fn main() {
                     seq: i as u64,
                     created_ms: 0,
                     records: 5000,
+                    pseudonym_key_id: "",
                 };
                 shuyuan::seal::seal(b, &meta, &pk, &sg, ZSTD_LEVEL).unwrap()
             })

@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seq: 42,
         created_ms: 1_795_568_400_000,
         records: 2,
+        pseudonym_key_id: "3f9a0c2e5b7d1846",
     };
     let v = seal::test_vector(body, &meta, &signer)?;
     let path =

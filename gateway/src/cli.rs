@@ -79,6 +79,50 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// The pseudonym key.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Review de-identification policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create the per-deployment pseudonym key (32 random bytes, file mode 0600). Point
+    /// [pseudonym] key at it. A new key changes every pseudonym: that is how keys rotate.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Show, field by field, what comes in and what would leave: for a sample file (CSV
+    /// with a header row, or JSON Lines; UTF-8 or GBK) or, without --input, one live poll.
+    Preview {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The source whose policy to apply (and, without --input, to poll).
+        #[arg(long, conflicts_with = "policy")]
+        source: Option<String>,
+        /// A policy by name, for samples of a source not configured yet.
+        #[arg(long)]
+        policy: Option<String>,
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// At most this many records.
+        #[arg(long, default_value_t = 5)]
+        limit: usize,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -234,6 +278,31 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keys {
+            command: KeysCommand::Init { out },
+        } => {
+            let key = shuyuan::policy::PseudonymKey::init(&out).map_err(anyhow::Error::msg)?;
+            println!(
+                "pseudonym key written to {} (mode 0600), key id {}",
+                out.display(),
+                key.id()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Preview {
+                    config,
+                    source,
+                    policy,
+                    input,
+                    limit,
+                    json,
+                },
+        } => {
+            preview(&config, source, policy, input, limit, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Certs {
             command:
                 CertsCommand::DevPki {
@@ -251,4 +320,66 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn preview(
+    config: &std::path::Path,
+    source: Option<String>,
+    policy: Option<String>,
+    input: Option<PathBuf>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use shuyuan::policy::{preview, Policy, PseudonymKey};
+    let loaded = config::load(config)?;
+    let cfg = &loaded.config;
+    let src = match &source {
+        Some(id) => Some(cfg.sources.iter().find(|s| &s.id == id).with_context(|| {
+            let ids: Vec<&str> = cfg.sources.iter().map(|s| s.id.as_str()).collect();
+            format!("no source {id:?} in {}; sources: {ids:?}", config.display())
+        })?),
+        None => None,
+    };
+    let policy_name = match (&policy, src) {
+        (Some(p), _) => p.clone(),
+        (None, Some(s)) => s.policy.clone(),
+        (None, None) => anyhow::bail!("say which policy to apply: --source ID or --policy NAME"),
+    };
+    let pcfg = cfg
+        .policies
+        .get(&policy_name)
+        .with_context(|| format!("no policy {policy_name:?} in {}", config.display()))?;
+    let key = match &cfg.pseudonym {
+        Some(p) => Some(std::sync::Arc::new(
+            PseudonymKey::load(&p.key).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
+    let compiled = Policy::compile(pcfg, key.as_ref())
+        .map_err(|e| anyhow::anyhow!("policy {policy_name:?}: {e:?}"))?;
+    let label = source.clone().unwrap_or_else(|| "sample".into());
+    let records = match (&input, src) {
+        (Some(path), _) => {
+            shuyuan::collect::sample::read(path, &label, limit).map_err(anyhow::Error::msg)?
+        }
+        (None, Some(s)) => {
+            let stats = std::sync::Arc::default();
+            let m =
+                shuyuan::collect::modbus::ModbusTcpSource::from_config(s, cfg.points_of(s), stats)
+                    .map_err(anyhow::Error::msg)?;
+            let rec = runtime()?
+                .block_on(m.poll_once())
+                .map_err(anyhow::Error::msg)?;
+            vec![rec]
+        }
+        (None, None) => anyhow::bail!("--policy needs --input SAMPLE (a CSV or JSON Lines file)"),
+    };
+    let view = preview::build(&policy_name, &compiled, &records);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        use std::io::IsTerminal;
+        print!("{}", view.render(std::io::stdout().is_terminal()));
+    }
+    Ok(())
 }

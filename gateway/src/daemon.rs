@@ -22,7 +22,7 @@ use crate::collect::modbus::ModbusTcpSource;
 use crate::config::{Config, SourceKind};
 use crate::keys::{HpkePublicKey, Signer};
 use crate::outbox::{Outbox, OutboxError, Quota};
-use crate::policy::Policy;
+use crate::policy::{Policy, PseudonymKey};
 use crate::seal::{self, BatchMeta};
 use crate::stats::{PipelineStats, Stats};
 use crate::uplink::{Backoff, Endpoint, HttpClient, Uplink};
@@ -56,16 +56,28 @@ pub async fn run(
     let (outbox, resume, _db_thread) = Outbox::open(&gw.state_dir, quota)?;
     tracing::info!(gateway = %gw.id, pending = resume.pending, last_seq = resume.last_seq, "outbox open");
 
+    let pseudonym = match &config.pseudonym {
+        Some(p) => Some(Arc::new(
+            PseudonymKey::load(&p.key).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
     let mut policies = HashMap::new();
     for s in &config.sources {
         let p = config
             .policies
             .get(&s.policy)
             .with_context(|| format!("policy {:?} not defined", s.policy))?;
-        let compiled =
-            Policy::compile(p).map_err(|e| anyhow::anyhow!("policy {:?}: {:?}", s.policy, e))?;
+        let compiled = Policy::compile(p, pseudonym.as_ref())
+            .map_err(|e| anyhow::anyhow!("policy {:?}: {:?}", s.policy, e))?;
         policies.insert(Arc::from(s.id.as_str()), Arc::new(compiled));
     }
+    // The header names the pseudonym key whenever one is configured, so the platform knows
+    // which key made the tokens it joins on.
+    let pseudonym_key_id = pseudonym
+        .as_ref()
+        .map(|k| k.id().to_string())
+        .unwrap_or_default();
 
     let tasks = TaskTracker::new();
     let (rec_tx, rec_rx) = mpsc::channel(RECORD_QUEUE);
@@ -99,6 +111,7 @@ pub async fn run(
     let sealed_all = CancellationToken::new();
     let sealer = Sealer {
         gateway_id: gw.id.clone(),
+        pseudonym_key_id,
         recipient,
         signer,
         outbox: outbox.clone(),
@@ -159,6 +172,8 @@ fn check_certificate(config: &Config, signer: &Signer) -> anyhow::Result<()> {
 /// The seal stage: numbers, seals and commits each batch, then wakes the uplink.
 pub struct Sealer {
     pub gateway_id: String,
+    /// Named in every header (empty without a pseudonym key).
+    pub pseudonym_key_id: String,
     pub recipient: HpkePublicKey,
     pub signer: Arc<Signer>,
     pub outbox: Outbox,
@@ -189,6 +204,7 @@ impl Sealer {
             seq,
             created_ms,
             records: b.records,
+            pseudonym_key_id: &self.pseudonym_key_id,
         };
         let envelope = match seal::seal(&b.body, &meta, &self.recipient, &self.signer, ZSTD_LEVEL) {
             Ok(e) => bytes::Bytes::from(e),

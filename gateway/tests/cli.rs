@@ -16,7 +16,8 @@ fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-/// Copies an example next to a fresh dev PKI in `certs/`, as an installation has it.
+/// Copies an example next to a fresh dev PKI in `certs/` and a pseudonym key in `keys/`,
+/// as an installation has them.
 fn install_example(name: &str, dir: &Path, gateway_id: &str) -> std::path::PathBuf {
     let cfg = dir.join(name);
     std::fs::copy(repo().join("firmware-config").join(name), &cfg).unwrap();
@@ -30,6 +31,16 @@ fn install_example(name: &str, dir: &Path, gateway_id: &str) -> std::path::PathB
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let key = shuyuan()
+        .args(["keys", "init", "--out"])
+        .arg(dir.join("keys/pseudonym.key"))
+        .output()
+        .unwrap();
+    assert!(
+        key.status.success(),
+        "{}",
+        String::from_utf8_lossy(&key.stderr)
     );
     cfg
 }
@@ -127,4 +138,99 @@ fn version_and_usage_errors() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("shuyuan "));
     let out = shuyuan().arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn policy_preview_shows_what_leaves_for_a_csv_sample_and_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = install_example("water.toml", dir.path(), "GW-TJ-WATER-0001");
+    let sample = repo().join("firmware-config/samples/water-billing.csv");
+    let out = shuyuan()
+        .args(["policy", "preview", "--policy", "customer", "--config"])
+        .arg(&cfg)
+        .arg("--input")
+        .arg(&sample)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "张*",
+        "138****5678",
+        "110105************",
+        "天津市和平区",
+        "acct_",
+        "2026-10",
+    ] {
+        assert!(text.contains(want), "{want} missing in:\n{text}");
+    }
+    let out = shuyuan()
+        .args([
+            "policy", "preview", "--policy", "customer", "--json", "--config",
+        ])
+        .arg(&cfg)
+        .arg("--input")
+        .arg(&sample)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fields = v["records"][0]["fields"].as_array().unwrap();
+    let id = fields.iter().find(|f| f["name"] == "id_card").unwrap();
+    assert_eq!(id["in"], "11010519491231002X");
+    assert_eq!(id["out"], "110105************");
+    assert_eq!(id["grade"], "sensitive");
+    // The pseudonym is the same token on a second run with the same key.
+    let again = shuyuan()
+        .args([
+            "policy", "preview", "--policy", "customer", "--json", "--config",
+        ])
+        .arg(&cfg)
+        .arg("--input")
+        .arg(&sample)
+        .output()
+        .unwrap();
+    let w: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(
+        v["records"][0]["fields"][0]["out"],
+        w["records"][0]["fields"][0]["out"]
+    );
+}
+
+#[test]
+fn transit_swipes_from_json_lines_lose_names_phones_and_exact_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = install_example("transit.toml", dir.path(), "GW-TJ-BUS-0003");
+    let out = shuyuan()
+        .args([
+            "policy", "preview", "--policy", "swipes", "--json", "--config",
+        ])
+        .arg(&cfg)
+        .arg("--input")
+        .arg(repo().join("firmware-config/samples/transit-swipes.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |name: &str| {
+        v["records"][0]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap()["out"]
+            .clone()
+    };
+    assert!(get("holder_name").is_null() && get("holder_phone").is_null());
+    assert_eq!(get("plate"), "津A*****");
+    assert_eq!(get("swipe_time"), "2026-11-24");
+    assert_eq!(get("boarding_lat"), "39.14");
+    assert!(get("card_no").as_str().unwrap().starts_with("card_"));
 }

@@ -36,7 +36,10 @@ def parse(buf):
     p = 60 + enc_len
     id_len = h[p]
     gateway_id = h[p + 1 : p + 1 + id_len].decode("utf-8")
-    if p + 1 + id_len != hlen:
+    p += 1 + id_len
+    pk_len = h[p]
+    pseudonym_key_id = h[p + 1 : p + 1 + pk_len].decode("ascii")
+    if p + 1 + pk_len != hlen:
         raise ValueError("header length mismatch")
     o = 7 + hlen
     (ct_len,) = struct.unpack(">I", buf[o : o + 4])
@@ -48,7 +51,7 @@ def parse(buf):
     if o + 2 + sig_len != len(buf):
         raise ValueError("trailing bytes")
     return dict(suite=suite, compression=comp, seq=seq, created_ms=created_ms, records=records,
-                plaintext_len=plen, key_id=key_id, enc=enc, gateway_id=gateway_id,
+                plaintext_len=plen, key_id=key_id, enc=enc, gateway_id=gateway_id, pseudonym_key_id=pseudonym_key_id,
                 aad=aad, ct=ct, signed=signed, sig=sig)
 
 
@@ -76,6 +79,7 @@ def main():
                             bytes.fromhex(v["signer_spki_der_hex"]))
     x = v["expected"]
     assert e["gateway_id"] == x["gateway_id"], e["gateway_id"]
+    assert e["pseudonym_key_id"] == x.get("pseudonym_key_id", ""), e["pseudonym_key_id"]
     assert e["seq"] == x["seq"] and e["created_ms"] == x["created_ms"] and e["records"] == x["records"]
     assert body.decode("utf-8") == x["plaintext"]
     lines = [json.loads(l) for l in body.decode("utf-8").splitlines()]

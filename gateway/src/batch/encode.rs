@@ -9,19 +9,21 @@ use std::sync::Arc;
 
 use super::json::{json_str, line_prefix, write_ts_seq, write_value};
 use crate::collect::{Record, Value};
-use crate::policy::{mask, Action, Policy, Tally};
+use crate::policy::{Action, Policy, Tally};
+
+/// The last text input of a transforming rule and its rendered output (`None`: dropped).
+type Remembered = (Arc<str>, Option<Box<[u8]>>);
 
 enum Step {
     Skip,
     Keep {
         key: Box<[u8]>,
     },
-    Mask {
+    /// A de-identifying rule; `last` remembers the output for the last text input seen.
+    Transform {
         key: Box<[u8]>,
-        head: usize,
-        tail: usize,
-        ch: char,
-        last: Option<(Arc<str>, Box<[u8]>)>,
+        action: Action,
+        last: Option<Remembered>,
     },
 }
 
@@ -83,13 +85,11 @@ impl SourceEncoder {
                     t.kept += 1;
                     Step::Keep { key: key(&f.name) }
                 }
-                Some(Action::Mask { head, tail, ch }) => {
+                Some(action) => {
                     t.masked += 1;
-                    Step::Mask {
+                    Step::Transform {
                         key: key(&f.name),
-                        head: *head,
-                        tail: *tail,
-                        ch: *ch,
+                        action: action.clone(),
                         last: None,
                     }
                 }
@@ -106,46 +106,60 @@ impl SourceEncoder {
         out.extend_from_slice(&self.prefix);
         write_ts_seq(rec.ts_ms, rec.seq, out);
         let mut first = true;
+        let mut tally = self.tally;
         for (f, step) in rec.fields.iter().zip(self.steps.iter_mut()) {
-            let key = match step {
-                Step::Skip => continue,
-                Step::Keep { key } | Step::Mask { key, .. } => key,
-            };
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            out.extend_from_slice(key);
             match step {
-                Step::Mask {
-                    head,
-                    tail,
-                    ch,
-                    last,
-                    ..
-                } => match (&f.value, last.as_ref()) {
-                    (Value::Text(t), Some((seen, rendered))) if Arc::ptr_eq(seen, t) => {
-                        out.extend_from_slice(rendered)
-                    }
-                    (v, _) => {
-                        let masked = match v {
-                            Value::Text(t) => mask(t, *head, *tail, *ch),
-                            other => mask(&other.to_text(), *head, *tail, *ch),
-                        };
-                        let mut rendered = Vec::with_capacity(masked.len() + 2);
-                        json_str(&masked, &mut rendered);
-                        out.extend_from_slice(&rendered);
-                        if let Value::Text(t) = v {
-                            *last = Some((t.clone(), rendered.into_boxed_slice()));
+                Step::Skip => {}
+                Step::Keep { key } => {
+                    separate(out, &mut first);
+                    out.extend_from_slice(key);
+                    write_value(&f.value, out);
+                }
+                Step::Transform { key, action, last } => {
+                    let local;
+                    let bytes = if let Value::Text(t) = &f.value {
+                        // Text repeats (tags): transform once per distinct value.
+                        if !last.as_ref().is_some_and(|(seen, _)| Arc::ptr_eq(seen, t)) {
+                            *last = Some((t.clone(), render(action, &f.value)));
+                        }
+                        last.as_ref().and_then(|(_, b)| b.as_deref())
+                    } else {
+                        local = render(action, &f.value);
+                        local.as_deref()
+                    };
+                    match bytes {
+                        Some(b) => {
+                            separate(out, &mut first);
+                            out.extend_from_slice(key);
+                            out.extend_from_slice(b);
+                        }
+                        // The rule could not be applied safely: the field is dropped.
+                        None => {
+                            tally.masked -= 1;
+                            tally.dropped += 1;
                         }
                     }
-                },
-                _ => write_value(&f.value, out),
+                }
             }
         }
         out.extend_from_slice(b"}}\n");
-        self.tally
+        tally
     }
+}
+
+fn separate(out: &mut Vec<u8>, first: &mut bool) {
+    if !*first {
+        out.push(b',');
+    }
+    *first = false;
+}
+
+fn render(action: &Action, v: &Value) -> Option<Box<[u8]>> {
+    action.transform(v).map(|v| {
+        let mut b = Vec::new();
+        write_value(&v, &mut b);
+        b.into_boxed_slice()
+    })
 }
 
 #[cfg(test)]
@@ -156,27 +170,60 @@ mod tests {
 
     fn policy() -> Arc<Policy> {
         let mut cfg = PolicyConfig::default();
-        let r = |action, keep_head, keep_tail| FieldRuleConfig {
-            action,
-            grade: Grade::Personal,
-            keep_head,
-            keep_tail,
-            mask_char: None,
+        let r = |action| FieldRuleConfig::new(action, Grade::Personal);
+        let with = |action, f: &dyn Fn(&mut FieldRuleConfig)| {
+            let mut x = FieldRuleConfig::new(action, Grade::Personal);
+            f(&mut x);
+            x
         };
-        cfg.fields
-            .insert("keep".into(), r(ActionKind::Keep, None, None));
-        cfg.fields
-            .insert("gone".into(), r(ActionKind::Drop, None, None));
-        cfg.fields
-            .insert("meter".into(), r(ActionKind::Mask, Some(4), Some(2)));
-        cfg.fields
-            .insert("num".into(), r(ActionKind::Mask, Some(2), None));
-        cfg.fields
-            .insert("q\"k".into(), r(ActionKind::Keep, None, None));
-        Arc::new(Policy::compile(&cfg).unwrap())
+        let f = &mut cfg.fields;
+        f.insert("keep".into(), r(ActionKind::Keep));
+        f.insert("gone".into(), r(ActionKind::Drop));
+        f.insert(
+            "meter".into(),
+            with(ActionKind::Mask, &|x| {
+                x.keep_head = Some(4);
+                x.keep_tail = Some(2);
+            }),
+        );
+        f.insert(
+            "num".into(),
+            with(ActionKind::Mask, &|x| x.keep_head = Some(2)),
+        );
+        f.insert("q\"k".into(), r(ActionKind::Keep));
+        f.insert(
+            "account".into(),
+            with(ActionKind::Pseudonymize, &|x| {
+                x.prefix = Some("acct_".into())
+            }),
+        );
+        f.insert(
+            "addr".into(),
+            with(ActionKind::Generalize, &|x| {
+                x.level = Some(crate::config::Level::District)
+            }),
+        );
+        f.insert(
+            "age".into(),
+            with(ActionKind::Generalize, &|x| {
+                x.buckets = Some(vec![0.0, 18.0, 60.0])
+            }),
+        );
+        f.insert(
+            "usage".into(),
+            with(ActionKind::Round, &|x| x.decimals = Some(1)),
+        );
+        f.insert("remark".into(), r(ActionKind::Scrub));
+        let key = Arc::new(crate::policy::PseudonymKey::from_bytes(&[9; 32]));
+        Arc::new(Policy::compile(&cfg, Some(&key)).unwrap())
     }
 
     fn rec(seq: u64, names: &[Arc<str>], meter: &Arc<str>) -> Record {
+        let addr = if seq % 3 == 0 {
+            "天津市和平区南京路1号"
+        } else {
+            "无效地址"
+        };
         let values = [
             Value::Float(seq as f64 * 1.5),
             Value::Int(-(seq as i64)),
@@ -184,6 +231,11 @@ mod tests {
             Value::UInt(123_456 + seq),
             Value::Bool(seq % 2 == 0),
             Value::Text(Arc::from(format!("张三{seq}"))),
+            Value::Text(Arc::from(format!("ACC-{}", seq % 4))),
+            Value::Text(Arc::from(addr)),
+            Value::UInt(seq * 3),
+            Value::Float(seq as f64 / 7.0),
+            Value::Text(Arc::from(format!("回电13812345{:03}，其余正常", seq))),
         ];
         Record {
             source: Arc::from("src"),
@@ -202,14 +254,20 @@ mod tests {
     fn fused_path_equals_apply_then_encode_across_layouts_and_values() {
         let p = policy();
         let mut enc = SourceEncoder::new("src", p.clone());
-        let names: Vec<Arc<str>> = ["keep", "gone", "meter", "num", "q\"k", "unlisted"]
-            .iter()
-            .map(|n| Arc::from(*n))
-            .collect();
-        let other: Vec<Arc<str>> = ["meter", "keep", "x", "gone", "num", "keep2"]
-            .iter()
-            .map(|n| Arc::from(*n))
-            .collect();
+        let names: Vec<Arc<str>> = [
+            "keep", "gone", "meter", "num", "q\"k", "unlisted", "account", "addr", "age", "usage",
+            "remark",
+        ]
+        .iter()
+        .map(|n| Arc::from(*n))
+        .collect();
+        let other: Vec<Arc<str>> = [
+            "meter", "keep", "x", "gone", "num", "keep2", "addr", "account", "usage", "age",
+            "remark",
+        ]
+        .iter()
+        .map(|n| Arc::from(*n))
+        .collect();
         let meters: Vec<Arc<str>> = vec![
             Arc::from("WTR-1201-000317"),
             Arc::from("WTR-9"),

@@ -296,15 +296,15 @@ mod tests {
         let mut cfg = crate::config::PolicyConfig::default();
         cfg.fields.insert(
             "v".into(),
-            crate::config::FieldRuleConfig {
-                action: crate::config::ActionKind::Keep,
-                grade: crate::config::Grade::Internal,
-                keep_head: None,
-                keep_tail: None,
-                mask_char: None,
-            },
+            crate::config::FieldRuleConfig::new(
+                crate::config::ActionKind::Keep,
+                crate::config::Grade::Internal,
+            ),
         );
-        policies.insert(Arc::from("s"), Arc::new(Policy::compile(&cfg).unwrap()));
+        policies.insert(
+            Arc::from("s"),
+            Arc::new(Policy::compile(&cfg, None).unwrap()),
+        );
         let limits = Limits {
             max_records: 100,
             max_bytes: 1 << 20,

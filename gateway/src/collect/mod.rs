@@ -4,6 +4,7 @@
 
 pub mod modbus;
 pub mod points;
+pub mod sample;
 
 use std::sync::Arc;
 

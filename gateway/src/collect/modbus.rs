@@ -177,6 +177,28 @@ impl ModbusTcpSource {
         tracing::debug!(source = %self.id, "source stopped");
     }
 
+    /// One poll, for `shuyuan policy preview` against a live device.
+    pub async fn poll_once(&self) -> Result<Record, String> {
+        let mut ctx = self
+            .connect()
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.address))?;
+        let mut data = Vec::new();
+        match self.poll(&mut ctx, &mut data).await {
+            Ok(()) => {}
+            Err(PollError::Exception(e)) | Err(PollError::Broken(e)) => return Err(e),
+        }
+        let mut fields = Vec::new();
+        self.plan.decode(&data, &mut fields)?;
+        fields.extend(self.tags.iter().cloned());
+        Ok(Record {
+            source: self.id.clone(),
+            ts_ms: now_ms(),
+            seq: 1,
+            fields,
+        })
+    }
+
     fn fail(&self, e: &str) {
         self.stats.polls_failed.fetch_add(1, Relaxed);
         tracing::warn!(source = %self.id, address = %self.address, "poll failed: {e}");

@@ -36,6 +36,8 @@ pub struct Config {
     /// Device profiles: a point list written once and used by many sources.
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileConfig>,
+    #[serde(default)]
+    pub pseudonym: Option<PseudonymConfig>,
 }
 
 impl Config {
@@ -272,10 +274,13 @@ pub struct PolicyConfig {
     pub fields: BTreeMap<String, FieldRuleConfig>,
 }
 
+/// One field's rule. Options apply to one action each; validation refuses the others.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldRuleConfig {
-    pub action: ActionKind,
+    /// Optional here so that a graded field without an action gets its own message.
+    #[serde(default)]
+    pub action: Option<ActionKind>,
     pub grade: Grade,
     /// mask: characters kept at the start and the end; the rest become `mask_char`.
     #[serde(default)]
@@ -284,6 +289,42 @@ pub struct FieldRuleConfig {
     pub keep_tail: Option<usize>,
     #[serde(default)]
     pub mask_char: Option<char>,
+    /// pseudonymize: text put before the token, and the token's length in characters.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub length: Option<usize>,
+    /// generalize: an address to province / city / district, a date to day / month / year.
+    #[serde(default)]
+    pub level: Option<Level>,
+    /// generalize: a number to the bucket between two bounds (ascending), e.g. ages.
+    #[serde(default)]
+    pub buckets: Option<Vec<f64>>,
+    /// round: to this many decimals.
+    #[serde(default)]
+    pub decimals: Option<u32>,
+    /// round: to the nearest multiple of this step (GPS degrees to a grid, e.g. 0.01).
+    #[serde(default)]
+    pub grid: Option<f64>,
+}
+
+impl FieldRuleConfig {
+    /// A rule with only an action and a grade (the other options unset).
+    pub fn new(action: ActionKind, grade: Grade) -> Self {
+        Self {
+            action: Some(action),
+            grade,
+            keep_head: None,
+            keep_tail: None,
+            mask_char: None,
+            prefix: None,
+            length: None,
+            level: None,
+            buckets: None,
+            decimals: None,
+            grid: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -292,6 +333,28 @@ pub enum ActionKind {
     Keep,
     Drop,
     Mask,
+    Pseudonymize,
+    Generalize,
+    Round,
+    Scrub,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Province,
+    City,
+    District,
+    Day,
+    Month,
+    Year,
+}
+
+/// `[pseudonym]`: the per-deployment secret that keys pseudonyms (made by `shuyuan keys init`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PseudonymConfig {
+    pub key: PathBuf,
 }
 
 /// Classification grade of a field, lowest to highest.
@@ -390,6 +453,9 @@ fn resolve_paths(config: &mut Config, base: &Path) {
         *p = base.join(&*p);
     }
     config.gateway.state_dir = base.join(&config.gateway.state_dir);
+    if let Some(p) = &mut config.pseudonym {
+        p.key = base.join(&p.key);
+    }
 }
 
 /// A path into the config document, such as `sources[2].points[0].type`.

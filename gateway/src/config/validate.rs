@@ -50,10 +50,23 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_uplink(config, &mut p);
     check_batch(config, &mut p);
 
+    let key = match &config.pseudonym {
+        None => None,
+        Some(pc) => match crate::policy::PseudonymKey::load(&pc.key) {
+            Ok(k) => Some(std::sync::Arc::new(k)),
+            Err(msg) => {
+                p.error(root.key("pseudonym").key("key"), msg);
+                // Check the policies as if the key were there, so their own problems show.
+                Some(std::sync::Arc::new(
+                    crate::policy::PseudonymKey::from_bytes(&[0; 32]),
+                ))
+            }
+        },
+    };
     let mut compiled: BTreeMap<&str, Policy> = BTreeMap::new();
     for (name, policy) in &config.policies {
         let at = root.key("policies").key(name.as_str());
-        match Policy::compile(policy) {
+        match Policy::compile(policy, key.as_ref()) {
             Ok(c) => {
                 compiled.insert(name.as_str(), c);
             }

@@ -2,16 +2,24 @@
 //! gateway. Default deny: a field without a rule is dropped and counted. Pure functions over
 //! values, tested without a runtime.
 //!
-//! Rules today: keep, drop, mask. The rule type is an enum so that pseudonymize, generalize,
-//! round and scrub join it without touching the stage around it.
+//! Rules: keep, drop, mask, pseudonymize (keyed HMAC, [`pseudonym`]), generalize (address,
+//! date, number buckets, [`generalize`]), round (decimals or grid) and scrub (identifiers in
+//! free text, [`detect`]). An unkeyed hash is deliberately not offered: ID and phone numbers
+//! are few enough to enumerate, so their plain hashes are reversible.
+
+pub mod detect;
+pub mod generalize;
+pub mod preview;
+pub mod pseudonym;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::collect::{Field, Record, Value};
-use crate::config::{ActionKind, FieldRuleConfig, Grade, KeyPath, PolicyConfig};
+use crate::collect::{Record, Value};
+use crate::config::{ActionKind, FieldRuleConfig, Grade, KeyPath, Level, PolicyConfig};
+pub use pseudonym::PseudonymKey;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Action {
     Keep,
     Drop,
@@ -21,9 +29,77 @@ pub enum Action {
         tail: usize,
         ch: char,
     },
+    Pseudonymize {
+        key: Arc<PseudonymKey>,
+        prefix: String,
+        length: usize,
+    },
+    Address(Level),
+    Date(Level),
+    Buckets(Vec<f64>),
+    Round {
+        decimals: Option<u32>,
+        grid: Option<f64>,
+    },
+    Scrub,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+impl Action {
+    /// The de-identified value, or `None` when the rule cannot be applied safely to this
+    /// value (the field is then dropped). Not called for keep and drop.
+    pub fn transform(&self, v: &Value) -> Option<Value> {
+        let text = |v: &Value| match v {
+            Value::Text(t) => t.to_string(),
+            other => other.to_text(),
+        };
+        let number = |v: &Value| match v {
+            Value::Int(i) => Some(*i as f64),
+            Value::UInt(u) => Some(*u as f64),
+            Value::Float(f) => Some(*f),
+            Value::Text(t) => t.trim().parse::<f64>().ok(),
+            Value::Bool(_) => None,
+        };
+        let t = |s: String| Some(Value::Text(Arc::from(s)));
+        match self {
+            Action::Keep => Some(v.clone()),
+            Action::Drop => None,
+            Action::Mask { head, tail, ch } => t(mask(&text(v), *head, *tail, *ch)),
+            Action::Pseudonymize {
+                key,
+                prefix,
+                length,
+            } => t(key.token(&text(v), prefix, *length)),
+            // Generalising and rounding keep part of the value: if what is left still holds an
+            // identifier (a phone number "rounded", digits before a province name), the field
+            // is dropped instead.
+            Action::Address(level) => generalize::address(&text(v), *level)
+                .filter(|o| no_identifier(o))
+                .and_then(t),
+            Action::Date(level) => generalize::date(&text(v), *level).and_then(t),
+            Action::Buckets(b) => number(v).and_then(|x| generalize::bucket(x, b)).and_then(t),
+            Action::Round { decimals, grid } => number(v)
+                .and_then(|x| generalize::round(x, *decimals, *grid))
+                .filter(|x| no_identifier(&Value::Float(*x).to_text()) && no_identifier(&text(v)))
+                .map(Value::Float),
+            Action::Scrub => match v {
+                Value::Text(s) => match detect::scrub(s) {
+                    std::borrow::Cow::Borrowed(_) => Some(v.clone()),
+                    std::borrow::Cow::Owned(o) => t(o),
+                },
+                // A number can be a whole phone or ID number: scrub its text form.
+                other => Some(Value::Text(Arc::from(
+                    detect::scrub(&other.to_text()).into_owned(),
+                ))),
+            },
+        }
+    }
+}
+
+fn no_identifier(s: &str) -> bool {
+    detect::find(s).is_empty()
+}
+
+#[derive(Debug, Clone)]
 pub struct Rule {
     pub action: Action,
     pub grade: Grade,
@@ -35,7 +111,9 @@ pub struct Tally {
     /// Records counted (1 per applied record).
     pub records: u32,
     pub kept: u32,
+    /// Changed by a de-identifying rule (mask, pseudonymize, generalize, round, scrub).
     pub masked: u32,
+    /// Dropped by a drop rule, or because a rule could not be applied to the value.
     pub dropped: u32,
     /// Fields with no rule: dropped by default deny.
     pub unlisted: u32,
@@ -81,17 +159,21 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Compiles a policy table. Errors carry a path relative to the policy's table.
-    pub fn compile(cfg: &PolicyConfig) -> Result<Self, Vec<(KeyPath, String)>> {
+    /// Compiles a policy table. `key` is the deployment's pseudonym key, when configured.
+    /// Errors carry a path relative to the policy's table.
+    pub fn compile(
+        cfg: &PolicyConfig,
+        key: Option<&Arc<PseudonymKey>>,
+    ) -> Result<Self, Vec<(KeyPath, String)>> {
         let mut errs = Vec::new();
         let mut rules = FastMap::default();
         for (name, r) in &cfg.fields {
             let at = KeyPath::root().key("fields").key(name.as_str());
-            match compile_rule(name, r) {
+            match compile_rule(name, r, key) {
                 Ok(rule) => {
                     rules.insert(Arc::from(name.as_str()), rule);
                 }
-                Err((key, msg)) => errs.push((at.key(key), msg)),
+                Err((k, msg)) => errs.push((at.key(k), msg)),
             }
         }
         if errs.is_empty() {
@@ -109,72 +191,162 @@ impl Policy {
         self.rules.get(field)
     }
 
+    /// Whether any rule pseudonymizes (the batch header then names the key).
+    pub fn pseudonymizes(&self) -> bool {
+        self.rules
+            .values()
+            .any(|r| matches!(r.action, Action::Pseudonymize { .. }))
+    }
+
     /// Applies the policy to a record in place.
     pub fn apply(&self, rec: &mut Record) -> Tally {
         let mut t = Tally {
             records: 1,
             ..Tally::default()
         };
-        rec.fields.retain_mut(|f| match self.rules.get(&f.name) {
-            None => {
-                t.unlisted += 1;
-                false
-            }
-            Some(rule) => match &rule.action {
-                Action::Keep => {
+        rec.fields
+            .retain_mut(|f| match self.rules.get(&f.name).map(|r| &r.action) {
+                None => {
+                    t.unlisted += 1;
+                    false
+                }
+                Some(Action::Keep) => {
                     t.kept += 1;
                     true
                 }
-                Action::Drop => {
+                Some(Action::Drop) => {
                     t.dropped += 1;
                     false
                 }
-                Action::Mask { head, tail, ch } => {
-                    t.masked += 1;
-                    mask_field(f, *head, *tail, *ch);
-                    true
-                }
-            },
-        });
+                Some(action) => match action.transform(&f.value) {
+                    Some(v) => {
+                        t.masked += 1;
+                        f.value = v;
+                        true
+                    }
+                    None => {
+                        t.dropped += 1;
+                        false
+                    }
+                },
+            });
         t
     }
 }
 
-fn compile_rule(name: &str, r: &FieldRuleConfig) -> Result<Rule, (&'static str, String)> {
-    let mask_opts = r.keep_head.is_some() || r.keep_tail.is_some() || r.mask_char.is_some();
-    let action = match r.action {
-        ActionKind::Keep if r.grade == Grade::Sensitive => {
-            return Err((
-                "action",
-                format!("field {name:?} is graded sensitive: it cannot be kept in clear; use mask (or drop)"),
+type RuleError = (&'static str, String);
+
+fn compile_rule(
+    name: &str,
+    r: &FieldRuleConfig,
+    key: Option<&Arc<PseudonymKey>>,
+) -> Result<Rule, RuleError> {
+    let Some(kind) = r.action else {
+        return Err((
+            "grade",
+            format!("field {name:?} is graded {:?} but has no action: add action = \"drop\", \"mask\", \"pseudonymize\", \"generalize\", \"round\" or \"scrub\" (or \"keep\" if it may leave as is)", r.grade),
+        ));
+    };
+    let opt = |set: bool, key: &'static str, for_: &str| -> Result<(), RuleError> {
+        if set {
+            Err((
+                key,
+                format!("field {name:?}: {key} applies only to action = {for_}, not {kind:?}")
+                    .replace("Pseudonymize", "\"pseudonymize\""),
             ))
+        } else {
+            Ok(())
         }
-        ActionKind::Keep | ActionKind::Drop if mask_opts => {
-            return Err((
-                "action",
-                format!("field {name:?}: keep_head, keep_tail and mask_char apply only to action = \"mask\""),
-            ))
+    };
+    let is = |k: ActionKind| kind == k;
+    opt(
+        !is(ActionKind::Mask) && r.keep_head.is_some(),
+        "keep_head",
+        "\"mask\"",
+    )?;
+    opt(
+        !is(ActionKind::Mask) && r.keep_tail.is_some(),
+        "keep_tail",
+        "\"mask\"",
+    )?;
+    opt(
+        !is(ActionKind::Mask) && r.mask_char.is_some(),
+        "mask_char",
+        "\"mask\"",
+    )?;
+    opt(
+        !is(ActionKind::Pseudonymize) && r.prefix.is_some(),
+        "prefix",
+        "\"pseudonymize\"",
+    )?;
+    opt(
+        !is(ActionKind::Pseudonymize) && r.length.is_some(),
+        "length",
+        "\"pseudonymize\"",
+    )?;
+    opt(
+        !is(ActionKind::Generalize) && r.level.is_some(),
+        "level",
+        "\"generalize\"",
+    )?;
+    opt(
+        !is(ActionKind::Generalize) && r.buckets.is_some(),
+        "buckets",
+        "\"generalize\"",
+    )?;
+    opt(
+        !is(ActionKind::Round) && r.decimals.is_some(),
+        "decimals",
+        "\"round\"",
+    )?;
+    opt(
+        !is(ActionKind::Round) && r.grid.is_some(),
+        "grid",
+        "\"round\"",
+    )?;
+    let action = match kind {
+        ActionKind::Keep if r.grade == Grade::Sensitive => {
+            return Err(("action", format!("field {name:?} is graded sensitive: it cannot be kept in clear; use mask, pseudonymize, generalize or drop")))
         }
         ActionKind::Keep => Action::Keep,
         ActionKind::Drop => Action::Drop,
-        ActionKind::Mask => Action::Mask {
-            head: r.keep_head.unwrap_or(0),
-            tail: r.keep_tail.unwrap_or(0),
-            ch: r.mask_char.unwrap_or('*'),
+        ActionKind::Mask => Action::Mask { head: r.keep_head.unwrap_or(0), tail: r.keep_tail.unwrap_or(0), ch: r.mask_char.unwrap_or('*') },
+        ActionKind::Pseudonymize => {
+            let key = key.ok_or(("action", format!("field {name:?}: pseudonymize needs a key: add [pseudonym] key = \"keys/pseudonym.key\" and create it with: shuyuan keys init --out keys/pseudonym.key")))?;
+            let length = r.length.unwrap_or(pseudonym::DEFAULT_LENGTH);
+            if !(8..=52).contains(&length) {
+                return Err(("length", format!("field {name:?}: length must be 8 to 52 characters (16 or more keeps collisions negligible)")));
+            }
+            Action::Pseudonymize { key: key.clone(), prefix: r.prefix.clone().unwrap_or_default(), length }
+        }
+        ActionKind::Generalize => match (r.level, &r.buckets) {
+            (Some(l @ (Level::Province | Level::City | Level::District)), None) => Action::Address(l),
+            (Some(l), None) => Action::Date(l),
+            (None, Some(b)) => {
+                if b.is_empty() || b.windows(2).any(|w| w[0] >= w[1]) || b.iter().any(|x| !x.is_finite()) {
+                    return Err(("buckets", format!("field {name:?}: buckets must be finite numbers in ascending order, e.g. [0, 18, 30, 45, 60]")));
+                }
+                Action::Buckets(b.clone())
+            }
+            _ => {
+                return Err(("action", format!("field {name:?}: generalize needs either level = \"province\" | \"city\" | \"district\" (addresses) | \"day\" | \"month\" | \"year\" (dates), or buckets = [..] (numbers)")))
+            }
         },
+        ActionKind::Round => {
+            if r.grid.is_some_and(|g| !(g.is_finite() && g > 0.0)) {
+                return Err(("grid", format!("field {name:?}: grid must be a positive number, e.g. 0.01")));
+            }
+            if r.decimals.is_some_and(|d| d > 12) {
+                return Err(("decimals", format!("field {name:?}: decimals must be 0 to 12")));
+            }
+            Action::Round { decimals: r.decimals, grid: r.grid }
+        }
+        ActionKind::Scrub => Action::Scrub,
     };
     Ok(Rule {
         action,
         grade: r.grade,
     })
-}
-
-fn mask_field(f: &mut Field, head: usize, tail: usize, ch: char) {
-    let masked = match &f.value {
-        Value::Text(t) => mask(t, head, tail, ch),
-        other => mask(&other.to_text(), head, tail, ch),
-    };
-    f.value = Value::Text(Arc::from(masked));
 }
 
 /// Masks all but `head` leading and `tail` trailing characters. When the text is too short to
@@ -202,17 +374,14 @@ pub fn mask(text: &str, head: usize, tail: usize, ch: char) -> String {
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collect::Field;
 
     fn rule(action: ActionKind, grade: Grade) -> FieldRuleConfig {
-        FieldRuleConfig {
-            action,
-            grade,
-            keep_head: None,
-            keep_tail: None,
-            mask_char: None,
-        }
+        FieldRuleConfig::new(action, grade)
     }
 
     #[test]
@@ -236,7 +405,7 @@ mod tests {
         cfg.fields.insert("meter".into(), m);
         cfg.fields
             .insert("secret".into(), rule(ActionKind::Drop, Grade::Internal));
-        let p = Policy::compile(&cfg).unwrap();
+        let p = Policy::compile(&cfg, None).unwrap();
         let f = |n: &str, v: Value| Field {
             name: Arc::from(n),
             value: v,
@@ -277,7 +446,7 @@ mod tests {
         let mut cfg = PolicyConfig::default();
         cfg.fields
             .insert("id_card".into(), rule(ActionKind::Keep, Grade::Sensitive));
-        let errs = Policy::compile(&cfg).unwrap_err();
+        let errs = Policy::compile(&cfg, None).unwrap_err();
         assert_eq!(errs[0].0.to_string(), "fields.id_card.action");
         assert!(errs[0].1.contains("sensitive"));
     }

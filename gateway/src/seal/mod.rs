@@ -8,7 +8,8 @@
 //! ```text
 //! "SHYB" | version u8 | header_len u16 | header | ct_len u32 | ct | sig_len u16 | sig
 //! header = suite u8 | compression u8 | seq u64 | created_ms i64 | records u32 |
-//!          plaintext_len u32 | signer_key_id [32] | enc_len u16 | enc | id_len u8 | gateway_id
+//!          plaintext_len u32 | signer_key_id [32] | enc_len u16 | enc | id_len u8 | gateway_id |
+//!          pk_len u8 | pseudonym_key_id
 //! AAD    = bytes from "SHYB" to the end of header
 //! signed = bytes from "SHYB" to the end of ct
 //! ```
@@ -68,6 +69,8 @@ pub struct Header {
     pub signer_key_id: [u8; 32],
     pub enc: Vec<u8>,
     pub gateway_id: String,
+    /// Id of the key that made the pseudonyms in this batch; empty when none is configured.
+    pub pseudonym_key_id: String,
 }
 
 /// What the sealer needs to know of a batch besides its body.
@@ -77,6 +80,7 @@ pub struct BatchMeta<'a> {
     pub seq: u64,
     pub created_ms: i64,
     pub records: u32,
+    pub pseudonym_key_id: &'a str,
 }
 
 /// Seals a JSON Lines body into an envelope.
@@ -116,6 +120,11 @@ pub fn seal(
     out.extend_from_slice(&enc);
     out.push(id_len);
     out.extend_from_slice(id);
+    let pk = meta.pseudonym_key_id.as_bytes();
+    let pk_len = u8::try_from(pk.len())
+        .map_err(|_| SealError::Seal("pseudonym key id longer than 255 bytes".into()))?;
+    out.push(pk_len);
+    out.extend_from_slice(pk);
     let header_len = (out.len() - PREFIX) as u16;
     out[5..7].copy_from_slice(&header_len.to_be_bytes());
 
@@ -280,6 +289,10 @@ fn parse_header(h: &[u8]) -> Result<Header, SealError> {
     let gateway_id = std::str::from_utf8(c.take(id_len, "gateway_id")?)
         .map_err(|_| malformed("gateway_id is not UTF-8"))?
         .to_owned();
+    let pk_len = usize::from(c.u8("pk_len")?);
+    let pseudonym_key_id = std::str::from_utf8(c.take(pk_len, "pseudonym_key_id")?)
+        .map_err(|_| malformed("pseudonym_key_id is not UTF-8"))?
+        .to_owned();
     if c.pos != h.len() {
         return Err(malformed("header_len does not match the header's fields"));
     }
@@ -293,6 +306,7 @@ fn parse_header(h: &[u8]) -> Result<Header, SealError> {
         signer_key_id,
         enc,
         gateway_id,
+        pseudonym_key_id,
     })
 }
 
@@ -329,6 +343,7 @@ pub fn test_vector(
             "seq": meta.seq,
             "created_ms": meta.created_ms,
             "records": records,
+            "pseudonym_key_id": meta.pseudonym_key_id,
             "plaintext_len": body.len(),
             "plaintext": body,
         }

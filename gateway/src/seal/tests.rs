@@ -15,6 +15,7 @@ fn meta() -> BatchMeta<'static> {
         seq: 7,
         created_ms: 1_700_000_000_000,
         records: 2,
+        pseudonym_key_id: "",
     }
 }
 
@@ -121,6 +122,10 @@ fn protocol_md_test_vector_opens() {
     assert_eq!(e.header.seq, x["seq"].as_u64().unwrap());
     assert_eq!(e.header.created_ms, x["created_ms"].as_i64().unwrap());
     assert_eq!(e.header.records as u64, x["records"].as_u64().unwrap());
+    assert_eq!(
+        e.header.pseudonym_key_id,
+        x["pseudonym_key_id"].as_str().unwrap()
+    );
     e.verify(&hexs("signer_spki_der_hex")).unwrap();
     let body = e.open(&sk).unwrap();
     assert_eq!(

@@ -185,6 +185,54 @@ fn sources_can_share_a_device_profile_and_unknown_profiles_are_named() {
 }
 
 #[test]
+fn de_identification_rules_are_checked_with_their_lines() {
+    let w = World::new();
+    let with = |extra: &str| format!("{GOOD}{extra}");
+    // line 24 is the first line after GOOD
+    expect(
+        &w,
+        &with("fields.name = { grade = \"personal\" }\n"),
+        24,
+        "graded Personal but has no action",
+    );
+    expect(
+        &w,
+        &with("fields.addr = { action = \"keep\", level = \"city\", grade = \"personal\" }\n"),
+        24,
+        "level applies only to action = \"generalize\"",
+    );
+    expect(
+        &w,
+        &with("fields.acct = { action = \"pseudonymize\", grade = \"personal\" }\n"),
+        24,
+        "shuyuan keys init",
+    );
+    expect(
+        &w,
+        &with(
+            "fields.age = { action = \"generalize\", buckets = [30, 18], grade = \"personal\" }\n",
+        ),
+        24,
+        "ascending order",
+    );
+    expect(
+        &w,
+        &with("fields.x = { action = \"hash\", grade = \"personal\" }\n"),
+        24,
+        "unknown variant `hash`",
+    );
+    // With a key configured, pseudonymize is accepted.
+    let key = w.path().join("keys/pseudonym.key");
+    shuyuan::policy::PseudonymKey::init(&key).unwrap();
+    let ok = GOOD.replace(
+        "[[sources]]",
+        "[pseudonym]\nkey = \"keys/pseudonym.key\"\n\n[[sources]]",
+    )
+        + "fields.acct = { action = \"pseudonymize\", prefix = \"a_\", grade = \"personal\" }\n";
+    assert!(problems(&w, &ok).is_empty(), "{:#?}", problems(&w, &ok));
+}
+
+#[test]
 fn a_world_readable_private_key_is_refused_with_the_fix() {
     use std::os::unix::fs::PermissionsExt;
     let w = World::new();

@@ -62,6 +62,7 @@ fn python_reader_opens_a_fresh_envelope_signed_with_a_gateway_certificate_key() 
         seq: 9,
         created_ms: 1_795_568_400_123,
         records: 0,
+        pseudonym_key_id: "0123456789abcdef",
     };
     let v = shuyuan::seal::test_vector(&body, &meta, &signer).unwrap();
     let path = world.path().join("fresh.json");

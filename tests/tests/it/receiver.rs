@@ -20,6 +20,7 @@ fn envelope(world: &World, seq: u64) -> Vec<u8> {
         seq,
         created_ms: 1_795_568_400_000,
         records: 1,
+        pseudonym_key_id: "",
     };
     seal(BODY.as_bytes(), &meta, &pk, &signer, 1).unwrap()
 }
