@@ -234,3 +234,61 @@ fn transit_swipes_from_json_lines_lose_names_phones_and_exact_places() {
     assert_eq!(get("boarding_lat"), "39.14");
     assert!(get("card_no").as_str().unwrap().starts_with("card_"));
 }
+
+#[test]
+fn policy_preview_polls_a_live_simulated_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sim = shuyuan()
+        .args(["simulate", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the simulator to say it listens (bounded by the read of its first line).
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sim.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("device 1"), "{line}");
+    let cfg = install_example("water.toml", dir.path(), "GW-TJ-WATER-0001");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("192.168.10.21:502", &format!("127.0.0.1:{port}"));
+    std::fs::write(&cfg, text).unwrap();
+    let out = shuyuan()
+        .args([
+            "policy",
+            "preview",
+            "--source",
+            "pump-station-3",
+            "--json",
+            "--config",
+        ])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fields = v["records"][0]["fields"].as_array().unwrap();
+    let get = |n: &str| fields.iter().find(|f| f["name"] == n).unwrap().clone();
+    assert_eq!(
+        get("flow_m3h")["in"],
+        "118.5",
+        "the simulator's pump station flow (f32 CDAB)"
+    );
+    assert_eq!(get("pump_running")["out"], "true");
+    assert_eq!(get("meter_id")["out"], "WTR-*********17");
+    assert!(get("door_open")["out"].is_null(), "dropped by rule");
+}
