@@ -199,3 +199,92 @@ pub fn client(ca: &Path, cert: &Path, key: &Path, url: &str) -> shuyuan::uplink:
     let ep = shuyuan::uplink::Endpoint::parse(url).expect("url");
     shuyuan::uplink::HttpClient::new(ep, tls, Duration::from_secs(5)).expect("client")
 }
+
+/// The `shuyuan` binary cargo built next to this test binary (`cargo test --workspace`
+/// builds it for the product crate's own CLI tests).
+pub fn shuyuan_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("shuyuan");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the suite with cargo test --workspace (./test)",
+        bin.display()
+    );
+    bin
+}
+
+/// Starts `shuyuan run --config <world>/gateway.toml` as a child process, stderr to `log`.
+pub fn spawn_gateway_process(world: &World, log: &Path) -> std::process::Child {
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    std::process::Command::new(shuyuan_bin())
+        .args(["run", "--config"])
+        .arg(world.path().join("gateway.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("start gateway")
+}
+
+/// Starts `shuyuan receive` as a child process listening on `addr`, writing into the world's
+/// `received/` directory.
+pub fn spawn_receiver_process(world: &World, addr: SocketAddr, log: &Path) -> std::process::Child {
+    let cfg = world.path().join("receiver.toml");
+    std::fs::write(&cfg, shuyuan::demo::receiver_toml(&addr.to_string())).expect("receiver config");
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    std::process::Command::new(shuyuan_bin())
+        .args(["receive", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("start receiver")
+}
+
+/// Sends SIGTERM and waits for the process to exit (at most `limit`, then SIGKILL).
+pub fn terminate(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// A small deterministic generator for kill timings (xorshift), so a failing run can be
+/// repeated with the same seed.
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let span = hi.saturating_sub(lo).as_micros().max(1) as u64;
+        lo + Duration::from_micros(self.0 % span)
+    }
+}

@@ -74,12 +74,16 @@ fn python_reader_opens_a_fresh_envelope_signed_with_a_gateway_certificate_key() 
 /// A pymodbus device answers the gateway's reads; the receiver gets exactly its values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_from_a_pymodbus_device_arrive_exactly() {
+    use shuyuan_tests::*;
     use std::sync::atomic::Ordering::Relaxed;
     use std::time::Duration;
-    use shuyuan_tests::*;
 
     let world = World::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut server = std::process::Command::new(python())
         .arg(repo().join("tests/interop/modbus_server.py"))
         .arg(port.to_string())
@@ -87,7 +91,12 @@ async fn values_from_a_pymodbus_device_arrive_exactly() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let up = wait_until(Duration::from_secs(20), || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
+    let up = wait_until(Duration::from_secs(20), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
     assert!(up, "pymodbus server did not start");
     let rx = start_receiver(&world, None).await;
     let body = format!(
@@ -123,12 +132,24 @@ fields.spare = {{ action = "keep", grade = "internal" }}
 "#
     );
     let gw = start_gateway(gateway_config(&world, &rx.url(), "300ms", &body));
-    let got = wait_until(Duration::from_secs(30), || async { rx.records(GATEWAY_ID).len() >= 5 }).await;
+    let got = wait_until(Duration::from_secs(30), || async {
+        rx.records(GATEWAY_ID).len() >= 5
+    })
+    .await;
     let stats = gw.stats.clone();
     gw.shutdown().await.unwrap();
     let _ = server.kill();
     let _ = server.wait();
-    assert!(got, "no records from the pymodbus device; polls failed: {:?}", stats.sources.lock().unwrap().first().map(|(_, s)| (s.polls_failed.load(Relaxed), s.last_error())));
+    assert!(
+        got,
+        "no records from the pymodbus device; polls failed: {:?}",
+        stats
+            .sources
+            .lock()
+            .unwrap()
+            .first()
+            .map(|(_, s)| (s.polls_failed.load(Relaxed), s.last_error()))
+    );
     for r in rx.records(GATEWAY_ID) {
         assert_eq!(
             r["fields"],
