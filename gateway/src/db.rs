@@ -23,6 +23,20 @@ pub enum DbError {
     Sql(#[from] rusqlite::Error),
 }
 
+impl DbError {
+    /// The file is damaged or not a database (as opposed to busy, locked or unwritable).
+    pub fn is_corrupt(&self) -> bool {
+        let e = match self {
+            DbError::Open { source, .. } | DbError::Sql(source) => source,
+            DbError::Gone => return false,
+        };
+        matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        )
+    }
+}
+
 /// A handle to the connection's thread; cheap to clone. The thread ends, closing the
 /// connection cleanly, when the last handle is dropped.
 #[derive(Clone)]

@@ -7,7 +7,12 @@
 //! - `source_seq(source PRIMARY KEY, seq)`: the highest record sequence per source that is
 //!   committed, so a restarted source continues without reusing numbers.
 //! - `meta(key PRIMARY KEY, value)`: `last_seq` (the highest batch seq ever committed, which
-//!   survives the rows being acked and deleted) and the eviction counters.
+//!   survives the rows being acked and deleted), the eviction counters, and `seq_floor`.
+//!
+//! A store that fails `PRAGMA quick_check` or cannot be opened is moved aside
+//! (`outbox.sqlite.corrupt-<ms>`) and replaced; the new one numbers batches and records from
+//! the current Unix time in milliseconds (`seq_floor`), above anything the old one used, so the
+//! platform never takes a new batch for a duplicate.
 //!
 //! Invariants: a batch row, its source sequence updates and `last_seq` commit in one
 //! transaction; only sealed bytes are stored (nothing raw reaches the disk); a row is deleted
@@ -64,6 +69,9 @@ pub struct Resume {
     pub last_seq: u64,
     pub source_seqs: HashMap<String, u64>,
     pub pending: u64,
+    /// Record numbers of a source with no committed record start above this (non-zero only
+    /// after a damaged store was replaced).
+    pub source_floor: u64,
 }
 
 /// A batch waiting for upload.
@@ -101,9 +109,55 @@ impl Outbox {
         dir: &Path,
         quota: Quota,
     ) -> Result<(Self, Resume, std::thread::JoinHandle<()>), OutboxError> {
+        let path = dir.join("outbox.sqlite");
+        match Self::open_checked(&path, quota, 0) {
+            Ok(x) => Ok(x),
+            Err(OutboxError::Db(e)) if e.is_corrupt() && path.exists() => {
+                // A store that cannot be read must not stop the gateway for good (a restart
+                // loop helps no one): keep the damaged file for inspection and start afresh,
+                // numbering above anything the old store can have used.
+                let aside = dir.join(format!("outbox.sqlite.corrupt-{}", crate::timefmt::now_ms()));
+                let moved = std::fs::rename(&path, &aside);
+                for ext in ["-wal", "-shm"] {
+                    let side = dir.join(format!("outbox.sqlite{ext}"));
+                    let _ = std::fs::rename(&side, dir.join(format!("{}{ext}", aside.display())));
+                }
+                if let Err(m) = moved {
+                    tracing::error!(path = %path.display(), "outbox unreadable and cannot be moved aside: {m}");
+                    return Err(OutboxError::Db(e));
+                }
+                let floor = crate::timefmt::now_ms().max(1) as u64;
+                tracing::error!(
+                    moved_to = %aside.display(),
+                    restart_seq_at = floor,
+                    "outbox store could not be read ({e}); the sealed batches it held are lost; it was moved aside and a new one started"
+                );
+                Self::open_checked(&path, quota, floor)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens, checks the store's integrity, and reads where numbering resumes. `floor` (after a
+    /// store was lost) starts batch and record numbers above anything used before.
+    fn open_checked(
+        path: &Path,
+        quota: Quota,
+        floor: u64,
+    ) -> Result<(Self, Resume, std::thread::JoinHandle<()>), OutboxError> {
         let mut resume = Resume::default();
-        let (db, handle) = Db::open(&dir.join("outbox.sqlite"), |c| {
+        let (db, handle) = Db::open(path, |c| {
+            let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+            if check != "ok" {
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                    Some(format!("integrity check: {check}")),
+                ));
+            }
             c.execute_batch(SCHEMA)?;
+            if floor > 0 {
+                c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?1), ('seq_floor', ?1)", [floor as i64])?;
+            }
             resume = read_resume(c)?;
             Ok(())
         })?;
@@ -206,6 +260,7 @@ fn read_resume(c: &Connection) -> rusqlite::Result<Resume> {
         last_seq: last_seq as u64,
         source_seqs,
         pending: pending as u64,
+        source_floor: meta_get(c, "seq_floor")? as u64,
     })
 }
 
@@ -379,5 +434,52 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, OutboxError::Full { .. }));
         assert_eq!(ob.depth().await.unwrap().batches, 1);
+    }
+}
+
+#[cfg(test)]
+mod corruption {
+    use super::*;
+
+    fn quota() -> Quota {
+        Quota { max_bytes: 1 << 20, on_full: OnFull::DropOldest }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_store_is_moved_aside_and_numbering_restarts_above_it() {
+        for damage in ["garbage header", "truncated"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (ob, _, h) = Outbox::open(dir.path(), quota()).unwrap();
+            for seq in 1..=20 {
+                ob.append(seq, 0, 1, vec![7; 3000].into(), BTreeMap::new()).await.unwrap();
+            }
+            drop(ob);
+            h.join().unwrap();
+            let file = dir.path().join("outbox.sqlite");
+            let len = std::fs::metadata(&file).unwrap().len();
+            match damage {
+                "garbage header" => {
+                    let mut bytes = std::fs::read(&file).unwrap();
+                    bytes[..100].fill(0x5a);
+                    std::fs::write(&file, bytes).unwrap();
+                }
+                _ => {
+                    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+                    f.set_len(len / 2).unwrap();
+                }
+            }
+            let before = crate::timefmt::now_ms() as u64;
+            let (ob, resume, _h) = Outbox::open(dir.path(), quota()).unwrap();
+            assert!(resume.last_seq >= before, "{damage}: numbering restarts above the old store");
+            assert_eq!(resume.source_floor, resume.last_seq);
+            assert_eq!(ob.depth().await.unwrap().batches, 0);
+            let aside: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("outbox.sqlite.corrupt-"))
+                .collect();
+            assert!(!aside.is_empty(), "{damage}: the damaged file is kept for inspection");
+            ob.append(resume.last_seq + 1, 0, 1, vec![1].into(), BTreeMap::new()).await.unwrap();
+        }
     }
 }

@@ -171,3 +171,40 @@ async fn receiver_killed_mid_upload_loses_nothing_and_writes_nothing_twice() {
     assert_eq!(c, expected, "every polled value exactly once, in order");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_store_is_reported_moved_aside_and_the_gateway_goes_on() {
+    let world = World::new();
+    let stop = CancellationToken::new();
+    let addr = start_sim(sim::pump_station(), &stop).await;
+    // The platform is down while the first run fills the outbox.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    gateway_config(&world, &format!("https://{port}"), "300ms", &pump_sources(&addr.to_string()));
+    let log = world.path().join("gateway.log");
+    let mut gw = spawn_gateway_process(&world, &log);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(terminate(&mut gw, Duration::from_secs(20)).is_some());
+    let store = world.path().join("state/outbox.sqlite");
+    let mut bytes = std::fs::read(&store).unwrap();
+    bytes[..64].fill(0);
+    std::fs::write(&store, bytes).unwrap();
+
+    let rx = start_receiver(&world, Some(port)).await;
+    let log2 = world.path().join("gateway2.log");
+    let mut gw = spawn_gateway_process(&world, &log2);
+    let flowing = wait_until(Duration::from_secs(20), || async { rx.records(GATEWAY_ID).len() >= 3 }).await;
+    assert!(terminate(&mut gw, Duration::from_secs(20)).is_some_and(|s| s.success()), "no crash loop");
+    assert!(flowing, "records flow again after the damaged store was replaced");
+    let text = std::fs::read_to_string(&log2).unwrap();
+    assert!(text.contains("could not be read") && text.contains("moved aside"), "the log says what happened:\n{text}");
+    let aside = std::fs::read_dir(world.path().join("state"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with("outbox.sqlite.corrupt-"));
+    assert!(aside, "the damaged file is kept");
+    let floor = shuyuan::timefmt::now_ms() as u64 - 120_000;
+    assert!(seqs(&rx.records(GATEWAY_ID)).iter().all(|&s| s > floor), "record numbers restart above the lost store's");
+    assert_eq!(rx.stats.duplicates.load(Relaxed), 0, "no new batch mistaken for an old one");
+    stop.cancel();
+    rx.shutdown().await;
+}
