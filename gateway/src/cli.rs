@@ -79,6 +79,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Look at and act on the queue of sealed batches (for example quarantined ones).
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
     /// The pseudonym key.
     Keys {
         #[command(subcommand)]
@@ -88,6 +93,32 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Every batch waiting in the outbox, oldest first, with its state and last error.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a quarantined batch back in the queue (after the platform was fixed).
+    Retry {
+        #[arg(long, short)]
+        config: PathBuf,
+        seq: u64,
+    },
+    /// Destroy a batch for good; its records are counted as dropped by the operator.
+    Drop {
+        #[arg(long, short)]
+        config: PathBuf,
+        seq: u64,
+        /// Required: dropping cannot be undone.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -278,6 +309,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Outbox { command } => outbox_command(command),
         Command::Keys {
             command: KeysCommand::Init { out },
         } => {
@@ -382,4 +414,56 @@ fn preview(
         print!("{}", view.render(std::io::stdout().is_terminal()));
     }
     Ok(())
+}
+
+fn outbox_command(cmd: OutboxCommand) -> anyhow::Result<ExitCode> {
+    use shuyuan::outbox::admin;
+    let dir = |config: &std::path::Path| -> anyhow::Result<PathBuf> {
+        Ok(config::load(config)?.config.gateway.state_dir)
+    };
+    match cmd {
+        OutboxCommand::List { config, json } => {
+            let rows = admin::list(&dir(&config)?).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!(
+                    "the outbox is empty: everything sealed has been acknowledged by the platform"
+                );
+            } else {
+                println!(
+                    "{:>20}  {:<24}  {:>7}  {:>9}  {:<11}  {:>8}  last error",
+                    "seq", "sealed (UTC)", "records", "bytes", "state", "attempts"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>20}  {:<24}  {:>7}  {:>9}  {:<11}  {:>8}  {}",
+                        r.seq,
+                        shuyuan::timefmt::rfc3339_ms(r.created_ms),
+                        r.records,
+                        r.bytes,
+                        r.state,
+                        r.attempts,
+                        r.last_error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        OutboxCommand::Retry { config, seq } => {
+            admin::retry(&dir(&config)?, seq).map_err(anyhow::Error::msg)?;
+            println!(
+                "batch {seq} is queued again; the running gateway sends it with the next push"
+            );
+        }
+        OutboxCommand::Drop { config, seq, yes } => {
+            if !yes {
+                anyhow::bail!(
+                    "dropping batch {seq} destroys its records for good; add --yes to confirm"
+                );
+            }
+            let n = admin::drop_batch(&dir(&config)?, seq).map_err(anyhow::Error::msg)?;
+            println!("batch {seq} dropped ({n} records), counted as dropped by the operator");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

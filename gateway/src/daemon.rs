@@ -88,7 +88,10 @@ pub async fn run(
                 let id: Arc<str> = Arc::from(s.id.as_str());
                 let src = ModbusTcpSource::from_config(s, config.points_of(s), stats.source(&id))
                     .map_err(anyhow::Error::msg)?;
-                let next = resume.source_seqs.get(&s.id).map_or(resume.source_floor + 1, |v| v + 1);
+                let next = resume
+                    .source_seqs
+                    .get(&s.id)
+                    .map_or(resume.source_floor + 1, |v| v + 1);
                 tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next));
             }
         }

@@ -288,3 +288,63 @@ impl Jitter {
         lo + Duration::from_micros(self.0 % span)
     }
 }
+
+/// Rewrites the world's gateway.toml with `edit` and loads it again.
+pub fn edit_gateway_config(world: &World, edit: impl FnOnce(String) -> String) -> Config {
+    let path = world.path().join("gateway.toml");
+    let text = edit(std::fs::read_to_string(&path).expect("gateway.toml"));
+    std::fs::write(&path, text).expect("write config");
+    match shuyuan::config::load(&path) {
+        Ok(l) => l.config,
+        Err(e) => panic!("test config invalid:\n{e}"),
+    }
+}
+
+/// An HTTPS server with the platform's certificate that refuses every batch with `status`
+/// (a platform whose validation rejects the data), for quarantine tests. Real TLS, real
+/// client-certificate check; only the answer is fixed.
+pub async fn start_refusing_platform(
+    world: &World,
+    addr: SocketAddr,
+    status: u16,
+    stop: &CancellationToken,
+) {
+    use http_body_util::{BodyExt, Full};
+    let tls = shuyuan::tls::server_config(
+        &world.pki.ca(),
+        &world.pki.server_cert(),
+        &world.pki.server_key(),
+    )
+    .expect("tls");
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        let mut r = hyper::Response::new(Full::new(bytes::Bytes::from_static(
+                            b"{\"error\":\"schema check failed\"}",
+                        )));
+                        *r.status_mut() = hyper::StatusCode::from_u16(status)
+                            .unwrap_or(hyper::StatusCode::BAD_REQUEST);
+                        Ok::<_, std::convert::Infallible>(r)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+}

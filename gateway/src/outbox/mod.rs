@@ -19,6 +19,8 @@
 //! only after the platform acked it, or by eviction under `on_full = "drop_oldest"`, which is
 //! counted in `meta`.
 
+pub mod admin;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -116,7 +118,10 @@ impl Outbox {
                 // A store that cannot be read must not stop the gateway for good (a restart
                 // loop helps no one): keep the damaged file for inspection and start afresh,
                 // numbering above anything the old store can have used.
-                let aside = dir.join(format!("outbox.sqlite.corrupt-{}", crate::timefmt::now_ms()));
+                let aside = dir.join(format!(
+                    "outbox.sqlite.corrupt-{}",
+                    crate::timefmt::now_ms()
+                ));
                 let moved = std::fs::rename(&path, &aside);
                 for ext in ["-wal", "-shm"] {
                     let side = dir.join(format!("outbox.sqlite{ext}"));
@@ -442,7 +447,10 @@ mod corruption {
     use super::*;
 
     fn quota() -> Quota {
-        Quota { max_bytes: 1 << 20, on_full: OnFull::DropOldest }
+        Quota {
+            max_bytes: 1 << 20,
+            on_full: OnFull::DropOldest,
+        }
     }
 
     #[tokio::test]
@@ -451,7 +459,9 @@ mod corruption {
             let dir = tempfile::tempdir().unwrap();
             let (ob, _, h) = Outbox::open(dir.path(), quota()).unwrap();
             for seq in 1..=20 {
-                ob.append(seq, 0, 1, vec![7; 3000].into(), BTreeMap::new()).await.unwrap();
+                ob.append(seq, 0, 1, vec![7; 3000].into(), BTreeMap::new())
+                    .await
+                    .unwrap();
             }
             drop(ob);
             h.join().unwrap();
@@ -470,16 +480,28 @@ mod corruption {
             }
             let before = crate::timefmt::now_ms() as u64;
             let (ob, resume, _h) = Outbox::open(dir.path(), quota()).unwrap();
-            assert!(resume.last_seq >= before, "{damage}: numbering restarts above the old store");
+            assert!(
+                resume.last_seq >= before,
+                "{damage}: numbering restarts above the old store"
+            );
             assert_eq!(resume.source_floor, resume.last_seq);
             assert_eq!(ob.depth().await.unwrap().batches, 0);
             let aside: Vec<_> = std::fs::read_dir(dir.path())
                 .unwrap()
                 .filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().starts_with("outbox.sqlite.corrupt-"))
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("outbox.sqlite.corrupt-")
+                })
                 .collect();
-            assert!(!aside.is_empty(), "{damage}: the damaged file is kept for inspection");
-            ob.append(resume.last_seq + 1, 0, 1, vec![1].into(), BTreeMap::new()).await.unwrap();
+            assert!(
+                !aside.is_empty(),
+                "{damage}: the damaged file is kept for inspection"
+            );
+            ob.append(resume.last_seq + 1, 0, 1, vec![1].into(), BTreeMap::new())
+                .await
+                .unwrap();
         }
     }
 }

@@ -178,8 +178,16 @@ async fn a_corrupted_store_is_reported_moved_aside_and_the_gateway_goes_on() {
     let stop = CancellationToken::new();
     let addr = start_sim(sim::pump_station(), &stop).await;
     // The platform is down while the first run fills the outbox.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    gateway_config(&world, &format!("https://{port}"), "300ms", &pump_sources(&addr.to_string()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    gateway_config(
+        &world,
+        &format!("https://{port}"),
+        "300ms",
+        &pump_sources(&addr.to_string()),
+    );
     let log = world.path().join("gateway.log");
     let mut gw = spawn_gateway_process(&world, &log);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -192,19 +200,42 @@ async fn a_corrupted_store_is_reported_moved_aside_and_the_gateway_goes_on() {
     let rx = start_receiver(&world, Some(port)).await;
     let log2 = world.path().join("gateway2.log");
     let mut gw = spawn_gateway_process(&world, &log2);
-    let flowing = wait_until(Duration::from_secs(20), || async { rx.records(GATEWAY_ID).len() >= 3 }).await;
-    assert!(terminate(&mut gw, Duration::from_secs(20)).is_some_and(|s| s.success()), "no crash loop");
-    assert!(flowing, "records flow again after the damaged store was replaced");
+    let flowing = wait_until(Duration::from_secs(20), || async {
+        rx.records(GATEWAY_ID).len() >= 3
+    })
+    .await;
+    assert!(
+        terminate(&mut gw, Duration::from_secs(20)).is_some_and(|s| s.success()),
+        "no crash loop"
+    );
+    assert!(
+        flowing,
+        "records flow again after the damaged store was replaced"
+    );
     let text = std::fs::read_to_string(&log2).unwrap();
-    assert!(text.contains("could not be read") && text.contains("moved aside"), "the log says what happened:\n{text}");
+    assert!(
+        text.contains("could not be read") && text.contains("moved aside"),
+        "the log says what happened:\n{text}"
+    );
     let aside = std::fs::read_dir(world.path().join("state"))
         .unwrap()
         .filter_map(Result::ok)
-        .any(|e| e.file_name().to_string_lossy().starts_with("outbox.sqlite.corrupt-"));
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("outbox.sqlite.corrupt-")
+        });
     assert!(aside, "the damaged file is kept");
     let floor = shuyuan::timefmt::now_ms() as u64 - 120_000;
-    assert!(seqs(&rx.records(GATEWAY_ID)).iter().all(|&s| s > floor), "record numbers restart above the lost store's");
-    assert_eq!(rx.stats.duplicates.load(Relaxed), 0, "no new batch mistaken for an old one");
+    assert!(
+        seqs(&rx.records(GATEWAY_ID)).iter().all(|&s| s > floor),
+        "record numbers restart above the lost store's"
+    );
+    assert_eq!(
+        rx.stats.duplicates.load(Relaxed),
+        0,
+        "no new batch mistaken for an old one"
+    );
     stop.cancel();
     rx.shutdown().await;
 }

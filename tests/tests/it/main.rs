@@ -4,4 +4,5 @@ mod config_errors;
 mod crash;
 mod e2e;
 mod interop;
+mod outbox;
 mod receiver;

@@ -1,0 +1,114 @@
+//! `shuyuan outbox list|retry|drop`: what an operator needs to act on the queue, in
+//! particular on batches the platform refused for good (quarantined). Works on the store file
+//! directly, also while the daemon runs (SQLite serialises the writers; a busy store is
+//! waited for up to 5 s). Dropping is counted in `meta` like evictions, never silent.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub seq: u64,
+    pub created_ms: i64,
+    pub records: u32,
+    pub bytes: u64,
+    pub state: &'static str,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+fn open(state_dir: &Path, write: bool) -> Result<Connection, String> {
+    let path = state_dir.join("outbox.sqlite");
+    if !path.exists() {
+        return Err(format!(
+            "{}: no outbox here (has the gateway run with this state_dir?)",
+            path.display()
+        ));
+    }
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    };
+    let c = Connection::open_with_flags(&path, flags)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    c.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+pub fn list(state_dir: &Path) -> Result<Vec<Row>, String> {
+    let c = open(state_dir, false)?;
+    let mut stmt = c
+        .prepare("SELECT seq, created_ms, records, bytes, state, attempts, last_error FROM batches ORDER BY seq")
+        .map_err(|e| e.to_string())?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(Row {
+                seq: r.get::<_, i64>(0)? as u64,
+                created_ms: r.get(1)?,
+                records: r.get(2)?,
+                bytes: r.get::<_, i64>(3)? as u64,
+                state: if r.get::<_, i64>(4)? == 1 {
+                    "quarantined"
+                } else {
+                    "pending"
+                },
+                attempts: r.get(5)?,
+                last_error: r.get(6)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| e.to_string())?;
+    Ok(rows)
+}
+
+/// Puts a quarantined batch back in the queue.
+pub fn retry(state_dir: &Path, seq: u64) -> Result<(), String> {
+    let c = open(state_dir, true)?;
+    let n = c
+        .execute(
+            "UPDATE batches SET state = 0, last_error = NULL WHERE seq = ?1 AND state = 1",
+            [seq as i64],
+        )
+        .map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Err(format!(
+            "no quarantined batch {seq} (see: shuyuan outbox list)"
+        ));
+    }
+    Ok(())
+}
+
+/// Destroys one batch for good, counting it (and its records) as dropped by the operator.
+pub fn drop_batch(state_dir: &Path, seq: u64) -> Result<u32, String> {
+    let mut c = open(state_dir, true)?;
+    let tx = c.transaction().map_err(|e| e.to_string())?;
+    let records: Option<u32> = tx
+        .query_row(
+            "SELECT records FROM batches WHERE seq = ?1",
+            [seq as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?;
+    let Some(records) = records else {
+        return Err(format!("no batch {seq} (see: shuyuan outbox list)"));
+    };
+    tx.execute("DELETE FROM batches WHERE seq = ?1", [seq as i64])
+        .map_err(|e| e.to_string())?;
+    for (k, v) in [
+        ("dropped_batches", 1i64),
+        ("dropped_records", i64::from(records)),
+    ] {
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + ?2",
+            params![k, v],
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    tx.commit().map_err(|e| e.to_string())?;
+    Ok(records)
+}
