@@ -223,9 +223,12 @@ impl Sealer {
         };
         drop(b.body);
         let size = envelope.len() as u64;
-        // Bounded: a store that keeps failing (or stays full under "pause") holds the stage
-        // at most this long per try; shutdown gives up sooner.
-        for attempt in 0u32..=600 {
+        // A store that keeps failing holds the stage at most 600 tries; a buffer full under
+        // on_full = "pause" holds it until the platform acks something (the uplink keeps
+        // pushing) or shutdown; meanwhile sources count what they cannot hand on.
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
             match self
                 .outbox
                 .append(
@@ -263,20 +266,33 @@ impl Sealer {
                     return;
                 }
                 Err(e) => {
-                    if attempt == 0 || matches!(e, OutboxError::Db(_)) {
-                        tracing::error!(seq, "cannot commit batch: {e}");
+                    let full = matches!(e, OutboxError::Full { .. });
+                    if attempt == 1 && full {
+                        tracing::warn!(seq, "{e}: waiting for the platform to take batches");
+                    } else if !full {
+                        tracing::error!(seq, attempt, "cannot commit batch: {e}");
                     }
-                    if shutdown.is_cancelled() && attempt > 0 {
+                    // On shutdown a full buffer will not empty in time: count and move on.
+                    if (shutdown.is_cancelled() && (full || attempt > 1))
+                        || (!full && attempt >= 600)
+                    {
                         break;
                     }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // Ends early on shutdown so the stop is not held up by a full buffer.
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled(), if attempt > 1 => {}
+                    }
                 }
             }
         }
+        self.stats
+            .records_lost_uncommitted
+            .fetch_add(b.records.into(), Relaxed);
         tracing::error!(
             seq,
             records = b.records,
-            "batch not committed, records lost"
+            "batch not committed, records lost (counted)"
         );
     }
 }

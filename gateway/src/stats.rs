@@ -13,6 +13,8 @@ pub struct SourceStats {
     pub timeouts: AtomicU64,
     pub connects_failed: AtomicU64,
     pub records: AtomicU64,
+    /// Polled but not taken by the pipeline in time (it was stalled): lost, and counted.
+    pub records_not_handed_on: AtomicU64,
     pub last_ok_ms: AtomicI64,
     last_error: Mutex<Option<String>>,
 }
@@ -47,6 +49,8 @@ pub struct PipelineStats {
     pub batches_quarantined: AtomicU64,
     pub batches_evicted: AtomicU64,
     pub records_evicted: AtomicU64,
+    /// Sealed but never committed (store failing, or still full at shutdown under "pause").
+    pub records_lost_uncommitted: AtomicU64,
     last_upload_error: Mutex<Option<String>>,
 }
 

@@ -152,16 +152,25 @@ impl ModbusTcpSource {
                         fields,
                     };
                     next_seq += 1;
-                    // Back-pressure: wait for room; after shutdown, only for a while.
-                    let give_up = async {
-                        shutdown.cancelled().await;
-                        tokio::time::sleep(SEND_GRACE).await;
+                    // Back-pressure: wait for room, but never longer than one interval, so
+                    // polling goes on while the pipeline is stalled (buffer full under
+                    // on_full = "pause"); what could not be handed on is counted.
+                    let limit = if shutdown.is_cancelled() {
+                        SEND_GRACE
+                    } else {
+                        self.interval.max(Duration::from_millis(100))
                     };
-                    tokio::select! {
-                        r = tx.send(rec) => if r.is_err() { break },
-                        _ = give_up => {
-                            tracing::error!(source = %self.id, "pipeline did not take the last record before shutdown; 1 record lost");
-                            break;
+                    match tx.send_timeout(rec, limit).await {
+                        Ok(()) => {}
+                        Err(mpsc::error::SendTimeoutError::Closed(_)) => break,
+                        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                            let n = self.stats.records_not_handed_on.fetch_add(1, Relaxed) + 1;
+                            if n == 1 || n % 100 == 0 {
+                                tracing::warn!(source = %self.id, lost = n, "pipeline is not taking records (buffer full and paused?): records counted as lost");
+                            }
+                            if shutdown.is_cancelled() {
+                                break;
+                            }
                         }
                     }
                 }
