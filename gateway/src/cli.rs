@@ -12,6 +12,8 @@ use shuyuan::config::{self, ConfigError};
 /// Exit code for a configuration that cannot be used (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 const DEFAULT_LOG: &str = "info";
+/// In state_dir while `shuyuan run` runs, for `shuyuan push`.
+const PID_FILE: &str = "shuyuan.pid";
 
 type MakeDevice = fn() -> std::sync::Arc<shuyuan::sim::Device>;
 type StepDevice = fn(&shuyuan::sim::Device, u64);
@@ -78,6 +80,11 @@ enum Command {
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
+    },
+    /// Ask the running gateway to upload now, whatever its schedule (it gets SIGUSR1).
+    Push {
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Look at and act on the queue of sealed batches (for example quarantined ones).
     Outbox {
@@ -261,10 +268,59 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             for w in &loaded.warnings {
                 tracing::warn!("{w}");
             }
-            runtime()?.block_on(async {
+            let state_dir = loaded.config.gateway.state_dir.clone();
+            std::fs::create_dir_all(&state_dir)
+                .with_context(|| format!("cannot create {}", state_dir.display()))?;
+            let pid_file = state_dir.join(PID_FILE);
+            std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write {}", pid_file.display()))?;
+            let outcome = runtime()?.block_on(async {
                 let stop = shutdown_on_signals()?;
-                shuyuan::daemon::run(&loaded.config, stop, Default::default()).await
-            })?;
+                let push = std::sync::Arc::new(tokio::sync::Notify::new());
+                let mut usr1 =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                        .context("cannot watch SIGUSR1")?;
+                let p = push.clone();
+                tokio::spawn(async move {
+                    while usr1.recv().await.is_some() {
+                        tracing::info!("push requested (SIGUSR1)");
+                        p.notify_one();
+                    }
+                });
+                shuyuan::daemon::run_with(&loaded.config, stop, Default::default(), push).await
+            });
+            let _ = std::fs::remove_file(&pid_file);
+            outcome?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Push { config } => {
+            let loaded = config::load(&config)?;
+            let pid_file = loaded.config.gateway.state_dir.join(PID_FILE);
+            let pid: u32 = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .with_context(|| {
+                    format!(
+                        "no running gateway: {} is missing (is shuyuan run going?)",
+                        pid_file.display()
+                    )
+                })?;
+            // A stale pid file must not make us signal some other process.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if !String::from_utf8_lossy(&cmdline).contains("shuyuan") {
+                anyhow::bail!(
+                    "no running gateway: process {pid} from {} is not shuyuan (stale file)",
+                    pid_file.display()
+                );
+            }
+            let status = std::process::Command::new("kill")
+                .args(["-USR1", &pid.to_string()])
+                .status()
+                .context("cannot run kill")?;
+            if !status.success() {
+                anyhow::bail!("could not signal process {pid}");
+            }
+            println!("asked the running gateway (pid {pid}) to push now");
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { seconds, dir } => {

@@ -25,7 +25,7 @@ use crate::outbox::{Outbox, OutboxError, Quota};
 use crate::policy::{Policy, PseudonymKey};
 use crate::seal::{self, BatchMeta};
 use crate::stats::{PipelineStats, Stats};
-use crate::uplink::{Backoff, Endpoint, HttpClient, Uplink};
+use crate::uplink::{Backoff, Endpoint, HttpClient, Schedule, Uplink, Window};
 
 /// How long shutdown waits for the stages before giving up on them.
 pub const GRACE: Duration = Duration::from_secs(20);
@@ -38,6 +38,16 @@ pub async fn run(
     config: &Config,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    run_with(config, shutdown, stats, Arc::new(Notify::new())).await
+}
+
+/// [`run`], with `push_now` to ring for an immediate push (`shuyuan push`, SIGUSR1).
+pub async fn run_with(
+    config: &Config,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+    push_now: Arc<Notify>,
 ) -> anyhow::Result<()> {
     let gw = &config.gateway;
     let u = &config.uplink;
@@ -128,6 +138,15 @@ pub async fn run(
         outbox,
         client,
         every: u.every.map(|e| e.0),
+        schedule: Schedule {
+            windows: u
+                .windows
+                .iter()
+                .filter_map(|w| Window::parse(w).ok())
+                .collect(),
+        },
+        max_bytes_per_sec: u.max_bytes_per_sec.map(|b| b.0),
+        push_now,
         backoff: Backoff::new(u.backoff_min.0, u.backoff_max.0),
         wake,
         sealed_all,

@@ -45,6 +45,8 @@ pub struct PipelineStats {
     pub uploads: AtomicU64,
     pub upload_failures: AtomicU64,
     pub batches_acked: AtomicU64,
+    /// Envelope bytes the platform acknowledged.
+    pub bytes_acked: AtomicU64,
     pub batches_duplicate: AtomicU64,
     pub batches_quarantined: AtomicU64,
     pub batches_evicted: AtomicU64,

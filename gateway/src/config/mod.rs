@@ -81,6 +81,12 @@ pub struct UplinkConfig {
     /// Push on this period; without it, a batch is pushed as soon as it is sealed.
     #[serde(default)]
     pub every: Option<HumanDuration>,
+    /// Push only inside these daily windows of local time, e.g. ["01:00-05:00"].
+    #[serde(default)]
+    pub windows: Vec<String>,
+    /// A cap on upload bandwidth (metered links), e.g. "64KiB" per second.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<ByteSize>,
     /// One request's limit: connect, handshake, upload and answer.
     #[serde(default = "default_uplink_timeout")]
     pub timeout: HumanDuration,

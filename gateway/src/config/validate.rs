@@ -230,6 +230,17 @@ fn check_uplink(config: &Config, p: &mut Problems) {
             "backoff_min must be more than zero and at most backoff_max",
         );
     }
+    for (i, w) in u.windows.iter().enumerate() {
+        if let Err(msg) = crate::uplink::Window::parse(w) {
+            p.error(at.key("windows").idx(i), msg);
+        }
+    }
+    if u.max_bytes_per_sec.is_some_and(|b| b.0 < 1024) {
+        p.error(
+            at.key("max_bytes_per_sec"),
+            "max_bytes_per_sec must be at least 1KiB",
+        );
+    }
     if let Some(every) = u.every {
         if every.0.as_millis() < 100 {
             p.error(at.key("every"), "every must be at least 100ms");

@@ -4,6 +4,7 @@
 //! batch. Written as an explicit state machine: each step returns the next [`State`].
 
 mod http;
+mod schedule;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use http::{Ack, Endpoint, HttpClient, Retry, UplinkError};
+pub use schedule::{Schedule, Window};
 
 use crate::outbox::Outbox;
 use crate::stats::PipelineStats;
@@ -29,6 +31,8 @@ pub enum State {
     Send,
     /// Wait after a failure.
     Backoff(Instant),
+    /// Outside every push window: wait until the next one opens.
+    Closed(Instant),
     /// Shutdown: one last bounded drain, then stop.
     Final,
     Stopped,
@@ -81,7 +85,12 @@ pub struct Uplink {
     pub outbox: Outbox,
     pub client: HttpClient,
     pub every: Option<Duration>,
+    pub schedule: Schedule,
+    /// Bytes per second the uploads may average, when the link is metered.
+    pub max_bytes_per_sec: Option<u64>,
     pub backoff: Backoff,
+    /// Rung by `shuyuan push` (SIGUSR1): push everything now, whatever the schedule.
+    pub push_now: Arc<Notify>,
     /// Rung by the seal stage after each commit.
     pub wake: Arc<Notify>,
     /// Fires when the seal stage has committed its last batch during shutdown.
@@ -90,7 +99,8 @@ pub struct Uplink {
 }
 
 enum Sent {
-    One,
+    /// One batch acknowledged (or quarantined), of this many bytes.
+    One(u64),
     Empty,
     Failed(Option<Duration>),
 }
@@ -108,27 +118,47 @@ impl Uplink {
         } else {
             State::Send
         };
+        // Set by `shuyuan push` until the outbox is empty: the schedule does not apply.
+        let mut forced = false;
         loop {
             state = match state {
                 State::Idle => tokio::select! {
                     _ = shutdown.cancelled() => State::Final,
                     _ = self.wake.notified(), if ticker.is_none() => State::Send,
                     _ = tick(&mut ticker) => State::Send,
+                    _ = self.push_now.notified() => {
+                        forced = true;
+                        State::Send
+                    }
                 },
                 State::Send => {
                     if shutdown.is_cancelled() {
                         State::Final
+                    } else if let Some(wait) = self.schedule.closed_now().filter(|_| !forced) {
+                        tracing::debug!(opens_in_s = wait.as_secs(), "outside the push windows");
+                        State::Closed(Instant::now() + wait)
                     } else {
+                        let started = Instant::now();
                         match self.send_one().await {
-                            Sent::One => State::Send,
-                            Sent::Empty => State::Idle,
+                            Sent::One(bytes) => {
+                                self.throttle(bytes, started, &shutdown).await;
+                                State::Send
+                            }
+                            Sent::Empty => {
+                                forced = false;
+                                State::Idle
+                            }
                             Sent::Failed(hint) => State::Backoff(Instant::now() + self.delay(hint)),
                         }
                     }
                 }
-                State::Backoff(until) => tokio::select! {
+                State::Backoff(until) | State::Closed(until) => tokio::select! {
                     _ = shutdown.cancelled() => State::Final,
                     _ = tokio::time::sleep_until(until) => State::Send,
+                    _ = self.push_now.notified() => {
+                        forced = true;
+                        State::Send
+                    }
                 },
                 State::Final => {
                     self.final_drain().await;
@@ -138,6 +168,19 @@ impl Uplink {
             };
         }
         tracing::debug!("uplink stopped");
+    }
+
+    /// Keeps the average upload rate under the cap: after sending `bytes`, waits until they
+    /// would have taken at the capped rate.
+    async fn throttle(&self, bytes: u64, started: Instant, shutdown: &CancellationToken) {
+        let Some(cap) = self.max_bytes_per_sec.filter(|c| *c > 0) else {
+            return;
+        };
+        let due = started + Duration::from_secs_f64(bytes as f64 / cap as f64);
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = shutdown.cancelled() => {}
+        }
     }
 
     fn delay(&mut self, hint: Option<Duration>) -> Duration {
@@ -160,7 +203,7 @@ impl Uplink {
             return; // the platform was failing: do not hold up the stop.
         }
         while let Ok(sent) = tokio::time::timeout_at(deadline, self.send_one()).await {
-            if !matches!(sent, Sent::One) {
+            if !matches!(sent, Sent::One(_)) {
                 break;
             }
         }
@@ -190,10 +233,13 @@ impl Uplink {
                     return Sent::Failed(None);
                 }
                 self.stats.batches_acked.fetch_add(1, Relaxed);
+                self.stats
+                    .bytes_acked
+                    .fetch_add(next.envelope.len() as u64, Relaxed);
                 self.stats.set_upload_error(None);
                 self.backoff.reset();
                 tracing::debug!(seq = next.seq, records = next.records, ?ack, "batch acked");
-                Sent::One
+                Sent::One(next.envelope.len() as u64)
             }
             Err(e) => {
                 self.stats.upload_failures.fetch_add(1, Relaxed);
@@ -209,7 +255,7 @@ impl Uplink {
                             tracing::error!(seq = next.seq, "cannot quarantine: {db}");
                             return Sent::Failed(None);
                         }
-                        Sent::One
+                        Sent::One(next.envelope.len() as u64)
                     }
                     Retry::Later(hint) => {
                         tracing::warn!(

@@ -6,3 +6,4 @@ mod e2e;
 mod interop;
 mod outbox;
 mod receiver;
+mod schedule;
