@@ -36,7 +36,11 @@ fn body(seed: u64) -> (Vec<u8>, u32) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            vals += &format!("{}\"f{f}\":{}", if f > 0 { "," } else { "" }, x % 1_000_000_007);
+            vals += &format!(
+                "{}\"f{f}\":{}",
+                if f > 0 { "," } else { "" },
+                x % 1_000_000_007
+            );
         }
         out.extend_from_slice(format!("{{\"source\":\"s\",\"ts\":\"2026-11-25T00:00:00.000Z\",\"seq\":{n},\"fields\":{{{vals}}}}}\n").as_bytes());
         n += 1;
@@ -44,7 +48,10 @@ fn body(seed: u64) -> (Vec<u8>, u32) {
     (out, n)
 }
 
-async fn receiver(pki: &DevPki, out: std::path::PathBuf) -> (std::net::SocketAddr, CancellationToken) {
+async fn receiver(
+    pki: &DevPki,
+    out: std::path::PathBuf,
+) -> (std::net::SocketAddr, CancellationToken) {
     let cfg = ReceiverConfig {
         listen: "127.0.0.1:0".into(),
         client_ca: pki.ca(),
@@ -61,20 +68,36 @@ async fn receiver(pki: &DevPki, out: std::path::PathBuf) -> (std::net::SocketAdd
 }
 
 fn client(pki: &DevPki, addr: std::net::SocketAddr) -> HttpClient {
-    let tls = shuyuan::tls::client_config(&pki.ca(), &pki.gateway_cert(), &pki.gateway_key()).unwrap();
-    HttpClient::new(Endpoint::parse(&format!("https://{addr}")).unwrap(), tls, Duration::from_secs(120)).unwrap()
+    let tls =
+        shuyuan::tls::client_config(&pki.ca(), &pki.gateway_cert(), &pki.gateway_key()).unwrap();
+    HttpClient::new(
+        Endpoint::parse(&format!("https://{addr}")).unwrap(),
+        tls,
+        Duration::from_secs(120),
+    )
+    .unwrap()
 }
 
 fn main() {
-    let mib: usize = std::env::var("SHUYUAN_BENCH_DRAIN_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mib: usize = std::env::var("SHUYUAN_BENCH_DRAIN_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pki = shuyuan::pki::dev_pki(&dir.path().join("certs"), "GW-DRAIN", &[]).unwrap();
     let signer = Signer::load(&pki.gateway_key()).unwrap();
     let pk = load_hpke_public(&pki.hpke_public()).unwrap();
 
     rt.block_on(async {
-        let quota = Quota { max_bytes: 64 << 30, on_full: OnFull::DropOldest };
+        let quota = Quota {
+            max_bytes: 64 << 30,
+            on_full: OnFull::DropOldest,
+        };
         let (outbox, _, _t) = Outbox::open(dir.path(), quota).unwrap();
         let mut envelopes = Vec::new();
         let mut total = 0usize;
@@ -82,10 +105,19 @@ fn main() {
         while total < mib << 20 {
             seq += 1;
             let (b, n) = body(seq);
-            let meta = BatchMeta { gateway_id: "GW-DRAIN", seq, created_ms: 1_795_568_400_000, records: n, pseudonym_key_id: "" };
+            let meta = BatchMeta {
+                gateway_id: "GW-DRAIN",
+                seq,
+                created_ms: 1_795_568_400_000,
+                records: n,
+                pseudonym_key_id: "",
+            };
             let env = bytes::Bytes::from(seal(&b, &meta, &pk, &signer, 1).unwrap());
             total += env.len();
-            outbox.append(seq, 0, n, env.clone(), Default::default()).await.unwrap();
+            outbox
+                .append(seq, 0, n, env.clone(), Default::default())
+                .await
+                .unwrap();
             envelopes.push((seq, env));
         }
         let batches = envelopes.len();
@@ -95,7 +127,9 @@ fn main() {
         let mut c = client(&pki, addr);
         let t = Instant::now();
         for (seq, env) in &envelopes {
-            c.post_batch(&format!("GW-DRAIN/{seq}"), env.clone()).await.unwrap();
+            c.post_batch(&format!("GW-DRAIN/{seq}"), env.clone())
+                .await
+                .unwrap();
         }
         let alone = t.elapsed();
         stop.cancel();
@@ -107,7 +141,7 @@ fn main() {
         let uplink = Uplink {
             gateway_id: "GW-DRAIN".into(),
             outbox: outbox.clone(),
-            client: client(&pki, addr),
+            clients: vec![client(&pki, addr)],
             every: None,
             schedule: Schedule::default(),
             max_bytes_per_sec: None,
@@ -129,10 +163,31 @@ fn main() {
         stop.cancel();
 
         let mb = total as f64 / 1e6;
-        println!("{batches} sealed batches, {:.1} MiB, over loopback mTLS, one batch in flight", total as f64 / 1048576.0);
-        println!("receiver alone      {:>7.2} s  {:>7.1} MB/s  {:>6.1} batches/s", alone.as_secs_f64(), mb / alone.as_secs_f64(), batches as f64 / alone.as_secs_f64());
-        println!("outbox drain        {:>7.2} s  {:>7.1} MB/s  {:>6.1} batches/s", drain.as_secs_f64(), mb / drain.as_secs_f64(), batches as f64 / drain.as_secs_f64());
-        println!("drain / alone       {:>7.2}   (target <= 2.0)", drain.as_secs_f64() / alone.as_secs_f64());
-        assert_eq!(stats.batches_acked.load(std::sync::atomic::Ordering::Relaxed) as usize, batches);
+        println!(
+            "{batches} sealed batches, {:.1} MiB, over loopback mTLS, one batch in flight",
+            total as f64 / 1048576.0
+        );
+        println!(
+            "receiver alone      {:>7.2} s  {:>7.1} MB/s  {:>6.1} batches/s",
+            alone.as_secs_f64(),
+            mb / alone.as_secs_f64(),
+            batches as f64 / alone.as_secs_f64()
+        );
+        println!(
+            "outbox drain        {:>7.2} s  {:>7.1} MB/s  {:>6.1} batches/s",
+            drain.as_secs_f64(),
+            mb / drain.as_secs_f64(),
+            batches as f64 / drain.as_secs_f64()
+        );
+        println!(
+            "drain / alone       {:>7.2}   (target <= 2.0)",
+            drain.as_secs_f64() / alone.as_secs_f64()
+        );
+        assert_eq!(
+            stats
+                .batches_acked
+                .load(std::sync::atomic::Ordering::Relaxed) as usize,
+            batches
+        );
     });
 }

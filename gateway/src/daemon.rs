@@ -58,7 +58,10 @@ pub async fn run_with(
     let recipient = crate::keys::load_hpke_public(&u.recipient)?;
     let tls = crate::tls::client_config(&u.ca, &u.cert, &u.key)?;
     let endpoint = Endpoint::parse(&u.url).map_err(anyhow::Error::msg)?;
-    let client = HttpClient::new(endpoint, tls, u.timeout.0).map_err(anyhow::Error::msg)?;
+    let clients = (0..u.in_flight.max(1))
+        .map(|_| HttpClient::new(endpoint.clone(), tls.clone(), u.timeout.0))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
     let quota = Quota {
         max_bytes: config.buffer.max_bytes.0,
         on_full: config.buffer.on_full,
@@ -136,7 +139,7 @@ pub async fn run_with(
     let uplink = Uplink {
         gateway_id: gw.id.clone(),
         outbox,
-        client,
+        clients,
         every: u.every.map(|e| e.0),
         schedule: Schedule {
             windows: u

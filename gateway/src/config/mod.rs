@@ -84,6 +84,9 @@ pub struct UplinkConfig {
     /// Push only inside these daily windows of local time, e.g. ["01:00-05:00"].
     #[serde(default)]
     pub windows: Vec<String>,
+    /// Batches uploaded at once, each on its own connection (oldest first).
+    #[serde(default = "default_in_flight")]
+    pub in_flight: usize,
     /// A cap on upload bandwidth (metered links), e.g. "64KiB" per second.
     #[serde(default)]
     pub max_bytes_per_sec: Option<ByteSize>,
@@ -97,6 +100,9 @@ pub struct UplinkConfig {
     pub backoff_max: HumanDuration,
 }
 
+fn default_in_flight() -> usize {
+    1
+}
 fn default_uplink_timeout() -> HumanDuration {
     HumanDuration::secs(30)
 }

@@ -230,6 +230,9 @@ fn check_uplink(config: &Config, p: &mut Problems) {
             "backoff_min must be more than zero and at most backoff_max",
         );
     }
+    if !(1..=16).contains(&u.in_flight) {
+        p.error(at.key("in_flight"), "in_flight must be from 1 to 16");
+    }
     for (i, w) in u.windows.iter().enumerate() {
         if let Err(msg) = crate::uplink::Window::parse(w) {
             p.error(at.key("windows").idx(i), msg);

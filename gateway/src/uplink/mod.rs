@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub use http::{Ack, Endpoint, HttpClient, Retry, UplinkError};
 pub use schedule::{Schedule, Window};
 
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Stored};
 use crate::stats::PipelineStats;
 
 /// How long, after shutdown, the uplink keeps pushing what the last seal committed.
@@ -83,7 +83,8 @@ fn jitter_unit() -> f64 {
 pub struct Uplink {
     pub gateway_id: String,
     pub outbox: Outbox,
-    pub client: HttpClient,
+    /// One connection per batch in flight (`uplink.in_flight`).
+    pub clients: Vec<HttpClient>,
     pub every: Option<Duration>,
     pub schedule: Schedule,
     /// Bytes per second the uploads may average, when the link is metered.
@@ -209,37 +210,75 @@ impl Uplink {
         }
     }
 
+    /// Sends the oldest pending batches, up to one per client (the `in_flight` setting),
+    /// concurrently, then settles each result in order.
     async fn send_one(&mut self) -> Sent {
-        let next = match self.outbox.next_pending(None).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return Sent::Empty,
-            Err(e) => {
-                tracing::error!("outbox read failed: {e}");
-                return Sent::Failed(None);
-            }
-        };
-        let key = format!("{}/{}", self.gateway_id, next.seq);
-        self.stats.uploads.fetch_add(1, Relaxed);
-        match self.client.post_batch(&key, next.envelope.clone()).await {
-            Ok(ack) => {
-                match ack {
-                    Ack::Accepted => {}
-                    Ack::Duplicate => {
-                        self.stats.batches_duplicate.fetch_add(1, Relaxed);
-                    }
+        let mut window = Vec::with_capacity(self.clients.len());
+        let mut after = None;
+        while window.len() < self.clients.len() {
+            match self.outbox.next_pending(after).await {
+                Ok(Some(b)) => {
+                    after = Some(b.seq);
+                    window.push(b);
                 }
-                if let Err(e) = self.outbox.ack(next.seq).await {
-                    tracing::error!(seq = next.seq, "cannot delete acked batch: {e}");
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("outbox read failed: {e}");
                     return Sent::Failed(None);
+                }
+            }
+        }
+        if window.is_empty() {
+            return Sent::Empty;
+        }
+        self.stats.uploads.fetch_add(window.len() as u64, Relaxed);
+        let gw = &self.gateway_id;
+        let results =
+            futures_util::future::join_all(window.iter().zip(self.clients.iter_mut()).map(
+                |(b, c)| async move {
+                    let key = format!("{gw}/{}", b.seq);
+                    c.post_batch(&key, b.envelope.clone()).await
+                },
+            ))
+            .await;
+        let mut sent = 0u64;
+        let mut retry: Option<Option<Duration>> = None;
+        for (b, r) in window.iter().zip(results) {
+            match self.settle(b, r).await {
+                Ok(n) => sent += n,
+                Err(hint) => retry = Some(retry.flatten().max(hint)),
+            }
+        }
+        match retry {
+            Some(hint) => Sent::Failed(hint),
+            None => Sent::One(sent),
+        }
+    }
+
+    /// Acks, quarantines or records the failure of one sent batch. `Ok(bytes)` when the batch
+    /// left the queue; `Err(hint)` when it must be retried later.
+    async fn settle(
+        &mut self,
+        b: &Stored,
+        r: Result<Ack, UplinkError>,
+    ) -> Result<u64, Option<Duration>> {
+        match r {
+            Ok(ack) => {
+                if ack == Ack::Duplicate {
+                    self.stats.batches_duplicate.fetch_add(1, Relaxed);
+                }
+                if let Err(e) = self.outbox.ack(b.seq).await {
+                    tracing::error!(seq = b.seq, "cannot delete acked batch: {e}");
+                    return Err(None);
                 }
                 self.stats.batches_acked.fetch_add(1, Relaxed);
                 self.stats
                     .bytes_acked
-                    .fetch_add(next.envelope.len() as u64, Relaxed);
+                    .fetch_add(b.envelope.len() as u64, Relaxed);
                 self.stats.set_upload_error(None);
                 self.backoff.reset();
-                tracing::debug!(seq = next.seq, records = next.records, ?ack, "batch acked");
-                Sent::One(next.envelope.len() as u64)
+                tracing::debug!(seq = b.seq, records = b.records, ?ack, "batch acked");
+                Ok(b.envelope.len() as u64)
             }
             Err(e) => {
                 self.stats.upload_failures.fetch_add(1, Relaxed);
@@ -247,24 +286,24 @@ impl Uplink {
                 match e.retry() {
                     Retry::Never => {
                         tracing::error!(
-                            seq = next.seq,
+                            seq = b.seq,
                             "platform refused the batch for good, quarantined: {e}"
                         );
                         self.stats.batches_quarantined.fetch_add(1, Relaxed);
-                        if let Err(db) = self.outbox.quarantine(next.seq, e.to_string()).await {
-                            tracing::error!(seq = next.seq, "cannot quarantine: {db}");
-                            return Sent::Failed(None);
+                        if let Err(db) = self.outbox.quarantine(b.seq, e.to_string()).await {
+                            tracing::error!(seq = b.seq, "cannot quarantine: {db}");
+                            return Err(None);
                         }
-                        Sent::One(next.envelope.len() as u64)
+                        Ok(b.envelope.len() as u64)
                     }
                     Retry::Later(hint) => {
                         tracing::warn!(
-                            seq = next.seq,
+                            seq = b.seq,
                             failures = self.backoff.failures() + 1,
                             "upload failed, will retry: {e}"
                         );
-                        let _ = self.outbox.attempt_failed(next.seq, e.to_string()).await;
-                        Sent::Failed(hint)
+                        let _ = self.outbox.attempt_failed(b.seq, e.to_string()).await;
+                        Err(hint)
                     }
                 }
             }

@@ -242,7 +242,12 @@ async fn a_corrupted_store_is_reported_moved_aside_and_the_gateway_goes_on() {
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,10 +256,19 @@ async fn a_long_outage_under_load_keeps_memory_flat_and_delivers_everything_in_o
     let world = World::new();
     let stop = CancellationToken::new();
     let fleet: Vec<_> = (0..DEVICES).map(|_| sim::load_device()).collect();
-    let addrs = sim::serve_fleet("127.0.0.1:0".parse().unwrap(), fleet, sim::load_device_step, stop.clone()).await.unwrap();
+    let addrs = sim::serve_fleet(
+        "127.0.0.1:0".parse().unwrap(),
+        fleet,
+        sim::load_device_step,
+        stop.clone(),
+    )
+    .await
+    .unwrap();
     let mut body = String::from("[profiles.load]\npoints = [\n");
     for p in 0..100 {
-        body += &format!("  {{ name = \"r{p:03}\", register = \"holding\", address = {p}, type = \"u16\" }},\n");
+        body += &format!(
+            "  {{ name = \"r{p:03}\", register = \"holding\", address = {p}, type = \"u16\" }},\n"
+        );
     }
     body += "]\n\n";
     for (i, a) in addrs.iter().enumerate() {
@@ -264,7 +278,10 @@ async fn a_long_outage_under_load_keeps_memory_flat_and_delivers_everything_in_o
     for p in 0..100 {
         body += &format!("fields.r{p:03} = {{ action = \"keep\", grade = \"internal\" }}\n");
     }
-    let raddr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let raddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     gateway_config(&world, &format!("https://{raddr}"), "1s", &body);
     let rlog = world.path().join("receiver.log");
     let mut receiver = spawn_receiver_process(&world, raddr, &rlog);
@@ -276,25 +293,41 @@ async fn a_long_outage_under_load_keeps_memory_flat_and_delivers_everything_in_o
     // 15 s of 200 records/s (20 000 values/s) with the platform down.
     tokio::time::sleep(Duration::from_secs(15)).await;
     let during = rss_kib(gw.id());
-    let pending = shuyuan::outbox::admin::list(&world.path().join("state")).unwrap().len();
+    let pending = shuyuan::outbox::admin::list(&world.path().join("state"))
+        .unwrap()
+        .len();
     receiver = spawn_receiver_process(&world, raddr, &rlog);
     // Let the backlog drain, then stop the gateway cleanly.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(terminate(&mut gw, Duration::from_secs(30)).is_some_and(|s| s.success()));
-    let left = shuyuan::outbox::admin::list(&world.path().join("state")).unwrap().len();
+    let left = shuyuan::outbox::admin::list(&world.path().join("state"))
+        .unwrap()
+        .len();
     assert!(terminate(&mut receiver, Duration::from_secs(10)).is_some());
     eprintln!("outage: RSS {before} KiB before, {during} KiB after 15 s of outage with {pending} batches queued; {left} left after recovery");
-    assert!(pending >= 10, "a backlog built up on disk ({pending} batches)");
-    assert!(during <= before + 4096, "memory stays flat through the outage: {before} KiB -> {during} KiB");
+    assert!(
+        pending >= 10,
+        "a backlog built up on disk ({pending} batches)"
+    );
+    assert!(
+        during <= before + 4096,
+        "memory stays flat through the outage: {before} KiB -> {during} KiB"
+    );
     assert_eq!(left, 0, "the backlog drained after recovery");
     let dir = world.path().join("received").join(GATEWAY_ID);
     let mut per_source: std::collections::HashMap<String, Vec<u64>> = Default::default();
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     for f in files {
         for line in std::fs::read_to_string(f).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            per_source.entry(v["source"].as_str().unwrap().to_string()).or_default().push(v["seq"].as_u64().unwrap());
+            per_source
+                .entry(v["source"].as_str().unwrap().to_string())
+                .or_default()
+                .push(v["seq"].as_u64().unwrap());
         }
     }
     assert_eq!(per_source.len(), DEVICES);

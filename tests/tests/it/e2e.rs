@@ -391,3 +391,53 @@ async fn pause_keeps_polling_counts_what_it_could_not_take_and_resumes() {
     stop.cancel();
     rx.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_batches_in_flight_drain_a_backlog_exactly_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let world = World::new();
+    let stop = CancellationToken::new();
+    let sim = start_sim(known_device(), &stop).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    gateway_config(
+        &world,
+        &format!("https://{port}"),
+        "100ms",
+        &SOURCES.replace("ADDR", &sim.to_string()),
+    );
+    let cfg = edit_gateway_config(&world, |t| {
+        t.replace("timeout = \"5s\"", "timeout = \"5s\"\nin_flight = 4")
+    });
+    let gw = start_gateway(cfg);
+    let p = gw.stats.pipeline.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            p.batches_sealed.load(Relaxed) >= 12
+        })
+        .await
+    );
+    let rx = start_receiver(&world, Some(port)).await;
+    let drained = wait_until(Duration::from_secs(30), || async {
+        p.batches_acked.load(Relaxed) >= p.batches_sealed.load(Relaxed)
+    })
+    .await;
+    gw.shutdown().await.unwrap();
+    assert!(drained);
+    let mut c: Vec<u64> = rx
+        .records(GATEWAY_ID)
+        .iter()
+        .map(|r| r["fields"]["counter"].as_u64().unwrap())
+        .collect();
+    c.sort_unstable();
+    let expected: Vec<u64> = (0..c.len() as u64).collect();
+    assert_eq!(
+        c, expected,
+        "every record once, whatever order the concurrent uploads landed in"
+    );
+    assert!(p.uploads.load(Relaxed) >= p.batches_acked.load(Relaxed));
+    stop.cancel();
+    rx.shutdown().await;
+}
