@@ -19,17 +19,32 @@ use shuyuan::seal::{derive_hpke_keypair, seal, BatchMeta};
 
 fn io(key: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/io").unwrap();
-    s.lines().find_map(|l| l.strip_prefix(key)).unwrap().trim().parse().unwrap()
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn main() {
-    let batches: u64 = std::env::var("SHUYUAN_BENCH_BATCHES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let records_per_batch = 60u32; // one minute of one-second polls
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new()).unwrap();
+    // Records per batch: one device polled every second for a minute (60), ten devices (600),
+    // fifty (3000).
+    for (records_per_batch, batches) in [(60u32, 1000u64), (600, 300), (3000, 60)] {
+        run(records_per_batch, batches);
+    }
+}
+
+fn run(records_per_batch: u32, batches: u64) {
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
+        .unwrap();
     let signer = Signer::from_pkcs8(pkcs8.as_ref()).unwrap();
     let (_, pk) = derive_hpke_keypair(b"flash");
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (ob, _, _t) = Outbox::open(dir.path(), Quota { max_bytes: 1 << 30, on_full: OnFull::DropOldest }).unwrap();
         let mut sealed = 0u64;
@@ -57,9 +72,12 @@ fn main() {
         }
         let written = io("wchar:") - start;
         let records = batches * u64::from(records_per_batch);
-        println!("{batches} batches of {records_per_batch} records, sealed {:.1} KiB each on average", sealed as f64 / batches as f64 / 1024.0);
-        println!("sealed bytes          {:>12}  ({:.1} per record)", sealed, sealed as f64 / records as f64);
-        println!("written by the outbox {:>12}  ({:.1} per record)", written, written as f64 / records as f64);
-        println!("written / sealed      {:>12.2}  (target <= 1.5)", written as f64 / sealed as f64);
+        println!(
+            "{batches:>5} batches of {records_per_batch:>4} records ({:>7.1} KiB sealed each): {:>6.1} B sealed and {:>7.1} B written per record, written/sealed {:.2}",
+            sealed as f64 / batches as f64 / 1024.0,
+            sealed as f64 / records as f64,
+            written as f64 / records as f64,
+            written as f64 / sealed as f64
+        );
     });
 }
