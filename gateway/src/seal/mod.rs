@@ -98,8 +98,7 @@ pub fn seal(
     let id = meta.gateway_id.as_bytes();
     let id_len = u8::try_from(id.len())
         .map_err(|_| SealError::Seal("gateway id longer than 255 bytes".into()))?;
-    let compressed = zstd::bulk::compress(body, zstd_level)
-        .map_err(|e| SealError::Seal(format!("zstd: {e}")))?;
+    let compressed = compress(body, zstd_level)?;
     let (encapped, mut ctx) =
         hpke::setup_sender::<AesGcm256, HkdfSha256, Kem>(&OpModeS::Base, recipient, HPKE_INFO)
             .map_err(|e| SealError::Seal(format!("HPKE setup: {e}")))?;
@@ -139,6 +138,16 @@ pub fn seal(
     out.extend_from_slice(&(sig.len() as u16).to_be_bytes());
     out.extend_from_slice(&sig);
     Ok(out)
+}
+
+/// zstd with a 128 KiB window: JSON Lines repeat within a few records, so a larger window
+/// gains little ratio and costs the gateway megabytes of compression tables per batch.
+fn compress(body: &[u8], level: i32) -> Result<Vec<u8>, SealError> {
+    let err = |e: std::io::Error| SealError::Seal(format!("zstd: {e}"));
+    let mut c = zstd::bulk::Compressor::new(level).map_err(err)?;
+    c.set_parameter(zstd::zstd_safe::CParameter::WindowLog(17))
+        .map_err(err)?;
+    c.compress(body).map_err(err)
 }
 
 /// A parsed, not yet verified envelope borrowing the received bytes.
