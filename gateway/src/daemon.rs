@@ -66,7 +66,7 @@ pub async fn run_with(
         max_bytes: config.buffer.max_bytes.0,
         on_full: config.buffer.on_full,
     };
-    let (outbox, resume, _db_thread) = Outbox::open(&gw.state_dir, quota)?;
+    let (outbox, resume, db_thread) = Outbox::open(&gw.state_dir, quota)?;
     tracing::info!(gateway = %gw.id, pending = resume.pending, last_seq = resume.last_seq, "outbox open");
 
     let pseudonym = match &config.pseudonym {
@@ -166,6 +166,17 @@ pub async fn run_with(
             grace_s = GRACE.as_secs(),
             "stages did not stop in time; exiting anyway"
         );
+        return Ok(());
+    }
+    // Every handle to the store went with the stages: wait for its thread to close the
+    // connection, which checkpoints the WAL into the database file, so a stopped gateway
+    // leaves one clean file behind.
+    let closed = tokio::task::spawn_blocking(move || db_thread.join());
+    if tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the store did not close in time");
     }
     Ok(())
 }

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE TABLE IF NOT EXISTS source_seq (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS evicted (seq INTEGER PRIMARY KEY, records INTEGER NOT NULL);
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -208,11 +209,40 @@ impl Outbox {
     }
 
     /// The platform acknowledged the batch: it may go.
-    pub async fn ack(&self, seq: u64) -> Result<(), OutboxError> {
-        self.db
-            .call(move |c| c.execute("DELETE FROM batches WHERE seq = ?1", [seq as i64]))
-            .await??;
-        Ok(())
+    ///
+    /// If the batch was evicted while it was being uploaded (the buffer filled up in the
+    /// meantime), it was not lost after all: its eviction is taken back out of the counts,
+    /// and `true` is returned.
+    pub async fn ack(&self, seq: u64) -> Result<bool, OutboxError> {
+        Ok(self
+            .db
+            .call(move |c| -> rusqlite::Result<bool> {
+                let tx = c.transaction()?;
+                let deleted = tx.execute("DELETE FROM batches WHERE seq = ?1", [seq as i64])?;
+                let mut was_evicted = false;
+                if deleted == 0 {
+                    let rec: Option<i64> = tx
+                        .query_row(
+                            "SELECT records FROM evicted WHERE seq = ?1",
+                            [seq as i64],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(records) = rec {
+                        tx.execute("DELETE FROM evicted WHERE seq = ?1", [seq as i64])?;
+                        for (k, v) in [("evicted_batches", 1i64), ("evicted_records", records)] {
+                            tx.execute(
+                                "UPDATE meta SET value = value - ?2 WHERE key = ?1",
+                                params![k, v],
+                            )?;
+                        }
+                        was_evicted = true;
+                    }
+                }
+                tx.commit()?;
+                Ok(was_evicted)
+            })
+            .await??)
     }
 
     /// Counts a failed attempt and remembers its cause (kind and status, never data).
@@ -325,6 +355,12 @@ fn append_tx(
             break;
         };
         tx.execute("DELETE FROM batches WHERE seq = ?1", [old_seq])?;
+        // Remembered (the last thousand) in case an upload of it was under way and succeeds.
+        tx.execute(
+            "INSERT OR REPLACE INTO evicted(seq, records) VALUES (?1, ?2)",
+            [old_seq, old_records],
+        )?;
+        tx.execute("DELETE FROM evicted WHERE seq <= ?1", [old_seq - 1000])?;
         used -= old_bytes as u64;
         evicted.batches += 1;
         evicted.records += old_records as u64;

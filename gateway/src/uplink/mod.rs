@@ -267,9 +267,19 @@ impl Uplink {
                 if ack == Ack::Duplicate {
                     self.stats.batches_duplicate.fetch_add(1, Relaxed);
                 }
-                if let Err(e) = self.outbox.ack(b.seq).await {
-                    tracing::error!(seq = b.seq, "cannot delete acked batch: {e}");
-                    return Err(None);
+                match self.outbox.ack(b.seq).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        // Evicted while in flight, yet delivered: not a loss after all.
+                        self.stats.batches_evicted.fetch_sub(1, Relaxed);
+                        self.stats
+                            .records_evicted
+                            .fetch_sub(u64::from(b.records), Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(seq = b.seq, "cannot delete acked batch: {e}");
+                        return Err(None);
+                    }
                 }
                 self.stats.batches_acked.fetch_add(1, Relaxed);
                 self.stats

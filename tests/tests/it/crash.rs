@@ -193,6 +193,10 @@ async fn a_corrupted_store_is_reported_moved_aside_and_the_gateway_goes_on() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(terminate(&mut gw, Duration::from_secs(20)).is_some());
     let store = world.path().join("state/outbox.sqlite");
+    assert!(
+        !world.path().join("state/outbox.sqlite-wal").exists(),
+        "a clean stop leaves no WAL behind"
+    );
     let mut bytes = std::fs::read(&store).unwrap();
     bytes[..64].fill(0);
     std::fs::write(&store, bytes).unwrap();
