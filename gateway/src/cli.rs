@@ -91,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+    /// The audit trail: list entries, verify the hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// The pseudonym key.
     Keys {
         #[command(subcommand)]
@@ -126,6 +131,26 @@ enum OutboxCommand {
         /// Required: dropping cannot be undone.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Entries after an id, oldest first.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every entry's hash and link; name the first one that does not fit (exit 1).
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -366,6 +391,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Outbox { command } => outbox_command(command),
+        Command::Audit { command } => audit_command(command),
         Command::Keys {
             command: KeysCommand::Init { out },
         } => {
@@ -522,4 +548,46 @@ fn outbox_command(cmd: OutboxCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    use shuyuan::outbox::admin;
+    match cmd {
+        AuditCommand::List {
+            config,
+            after,
+            limit,
+            json,
+        } => {
+            let dir = config::load(&config)?.config.gateway.state_dir;
+            let entries = admin::audit_list(&dir, after, limit).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                for e in &entries {
+                    println!(
+                        "{:>8}  {}  {:<18} {}",
+                        e.id,
+                        shuyuan::timefmt::rfc3339_ms(e.ts_ms),
+                        e.kind,
+                        e.detail
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify { config } => {
+            let dir = config::load(&config)?.config.gateway.state_dir;
+            match admin::audit_verify(&dir).map_err(anyhow::Error::msg)? {
+                Ok(n) => {
+                    println!("audit chain OK: {n} entries, each linked to the one before");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err((id, why)) => {
+                    println!("audit chain BROKEN at entry {id}: {why}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
 }

@@ -91,6 +91,30 @@ pub async fn run_with(
         .as_ref()
         .map(|k| k.id().to_string())
         .unwrap_or_default();
+    // The trail says which policies (by a digest of their rules) and which key were applied.
+    let policy_versions: serde_json::Map<String, serde_json::Value> = config
+        .policies
+        .iter()
+        .map(|(name, p)| {
+            use sha2::Digest;
+            let d = sha2::Sha256::digest(format!("{p:?}").as_bytes());
+            (
+                name.clone(),
+                serde_json::Value::String(d[..8].iter().map(|b| format!("{b:02x}")).collect()),
+            )
+        })
+        .collect();
+    outbox
+        .audit(
+            "gateway_started",
+            serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "sources": config.sources.len(),
+                "policies": policy_versions,
+                "pseudonym_key_id": pseudonym_key_id,
+            }),
+        )
+        .await?;
 
     let tasks = TaskTracker::new();
     let (rec_tx, rec_rx) = mpsc::channel(RECORD_QUEUE);
@@ -264,12 +288,13 @@ impl Sealer {
             attempt += 1;
             match self
                 .outbox
-                .append(
+                .append_audited(
                     seq,
                     created_ms,
                     b.records,
                     envelope.clone(),
                     b.source_seqs.clone(),
+                    b.tally,
                 )
                 .await
             {

@@ -109,6 +109,28 @@ pub fn drop_batch(state_dir: &Path, seq: u64) -> Result<u32, String> {
         )
         .map_err(|e| e.to_string())?;
     }
+    super::audit::append(
+        &tx,
+        "operator_drop",
+        &serde_json::json!({ "seq": seq, "records": records }),
+    )
+    .map_err(|e| e.to_string())?;
     tx.commit().map_err(|e| e.to_string())?;
     Ok(records)
+}
+
+/// The audit trail's entries after `after`, for `shuyuan audit list`.
+pub fn audit_list(
+    state_dir: &Path,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<super::audit::Entry>, String> {
+    let c = open(state_dir, false)?;
+    super::audit::list(&c, after, limit).map_err(|e| e.to_string())
+}
+
+/// Verifies the audit chain: `Ok(Ok(n))` when all n entries link.
+pub fn audit_verify(state_dir: &Path) -> Result<Result<u64, (i64, String)>, String> {
+    let c = open(state_dir, false)?;
+    super::audit::verify(&c).map_err(|e| e.to_string())
 }

@@ -20,6 +20,7 @@
 //! counted in `meta`.
 
 pub mod admin;
+pub mod audit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -161,8 +162,14 @@ impl Outbox {
                 ));
             }
             c.execute_batch(SCHEMA)?;
+            c.execute_batch(audit::SCHEMA)?;
             if floor > 0 {
                 c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?1), ('seq_floor', ?1)", [floor as i64])?;
+                audit::append(
+                    c,
+                    "store_replaced",
+                    &serde_json::json!({ "reason": "the previous store could not be read; its sealed batches are lost", "numbering_restarts_at": floor }),
+                )?;
             }
             resume = read_resume(c)?;
             Ok(())
@@ -180,10 +187,53 @@ impl Outbox {
         envelope: bytes::Bytes,
         source_seqs: BTreeMap<Arc<str>, u64>,
     ) -> Result<Evicted, OutboxError> {
+        self.append_audited(
+            seq,
+            created_ms,
+            records,
+            envelope,
+            source_seqs,
+            crate::policy::Tally::default(),
+        )
+        .await
+    }
+
+    /// [`Outbox::append`], recording in the audit trail what the policy did to the batch.
+    pub async fn append_audited(
+        &self,
+        seq: u64,
+        created_ms: i64,
+        records: u32,
+        envelope: bytes::Bytes,
+        source_seqs: BTreeMap<Arc<str>, u64>,
+        tally: crate::policy::Tally,
+    ) -> Result<Evicted, OutboxError> {
         let quota = self.quota;
         self.db
-            .call(move |c| append_tx(c, quota, seq, created_ms, records, &envelope, &source_seqs))
+            .call(move |c| {
+                let b = NewBatch {
+                    seq,
+                    created_ms,
+                    records,
+                    envelope: &envelope,
+                    source_seqs: &source_seqs,
+                    tally: &tally,
+                };
+                append_tx(c, quota, &b)
+            })
             .await?
+    }
+
+    /// Records an event in the audit trail on its own (start-up, configuration).
+    pub async fn audit(
+        &self,
+        kind: &'static str,
+        detail: serde_json::Value,
+    ) -> Result<(), OutboxError> {
+        self.db
+            .call(move |c| audit::append(c, kind, &detail))
+            .await??;
+        Ok(())
     }
 
     /// The oldest pending batch with a sequence above `after`.
@@ -219,6 +269,7 @@ impl Outbox {
             .call(move |c| -> rusqlite::Result<bool> {
                 let tx = c.transaction()?;
                 let deleted = tx.execute("DELETE FROM batches WHERE seq = ?1", [seq as i64])?;
+                audit::append(&tx, "batch_acked", &serde_json::json!({ "seq": seq }))?;
                 let mut was_evicted = false;
                 if deleted == 0 {
                     let rec: Option<i64> = tx
@@ -261,11 +312,14 @@ impl Outbox {
     /// The platform refused the batch for good: keep it aside for an operator.
     pub async fn quarantine(&self, seq: u64, error: String) -> Result<(), OutboxError> {
         self.db
-            .call(move |c| {
-                c.execute(
+            .call(move |c| -> rusqlite::Result<()> {
+                let tx = c.transaction()?;
+                tx.execute(
                     "UPDATE batches SET state = 1, attempts = attempts + 1, last_error = ?2 WHERE seq = ?1",
-                    params![seq as i64, error],
-                )
+                    params![seq as i64, &error],
+                )?;
+                audit::append(&tx, "batch_quarantined", &serde_json::json!({ "seq": seq, "error": error }))?;
+                tx.commit()
             })
             .await??;
         Ok(())
@@ -322,15 +376,25 @@ fn read_depth(c: &mut Connection) -> rusqlite::Result<Depth> {
     )
 }
 
-fn append_tx(
-    c: &mut Connection,
-    quota: Quota,
+/// One batch to commit, with what goes into the same transaction.
+struct NewBatch<'a> {
     seq: u64,
     created_ms: i64,
     records: u32,
-    envelope: &[u8],
-    source_seqs: &BTreeMap<Arc<str>, u64>,
-) -> Result<Evicted, OutboxError> {
+    envelope: &'a [u8],
+    source_seqs: &'a BTreeMap<Arc<str>, u64>,
+    tally: &'a crate::policy::Tally,
+}
+
+fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evicted, OutboxError> {
+    let NewBatch {
+        seq,
+        created_ms,
+        records,
+        envelope,
+        source_seqs,
+        tally,
+    } = *b;
     let tx = c.transaction()?;
     let size = envelope.len() as u64;
     let mut used: u64 = tx.query_row("SELECT COALESCE(SUM(bytes), 0) FROM batches", [], |r| {
@@ -366,6 +430,11 @@ fn append_tx(
         evicted.records += old_records as u64;
     }
     if evicted.batches > 0 {
+        audit::append(
+            &tx,
+            "batches_evicted",
+            &serde_json::json!({ "batches": evicted.batches, "records": evicted.records, "reason": "buffer full (on_full = drop_oldest)" }),
+        )?;
         for (k, v) in [
             ("evicted_batches", evicted.batches),
             ("evicted_records", evicted.records),
@@ -390,6 +459,15 @@ fn append_tx(
             params![&**source, *s as i64],
         )?;
     }
+    audit::append(
+        &tx,
+        "batch_sealed",
+        &serde_json::json!({
+            "seq": seq, "records": records, "bytes": size,
+            "fields_kept": tally.kept, "fields_deidentified": tally.masked,
+            "fields_dropped": tally.dropped, "fields_without_rule": tally.unlisted,
+        }),
+    )?;
     tx.commit()?;
     Ok(evicted)
 }

@@ -1,5 +1,6 @@
 //! The one integration test binary: end-to-end and fault tests sharing `shuyuan_tests`.
 
+mod audit;
 mod config_errors;
 mod crash;
 mod e2e;
