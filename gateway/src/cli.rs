@@ -81,6 +81,14 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// One screen for a technician: sources, buffer, uplink, policy counts. Exit 0 OK,
+    /// 1 DEGRADED, 2 DOWN (or not running).
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the running gateway to upload now, whatever its schedule (it gets SIGUSR1).
     Push {
         #[arg(long, short)]
@@ -391,6 +399,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Outbox { command } => outbox_command(command),
+        Command::Status { config, json } => status_command(&config, json),
         Command::Audit { command } => audit_command(command),
         Command::Keys {
             command: KeysCommand::Init { out },
@@ -588,6 +597,60 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+    }
+}
+
+fn status_command(config_path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    use shuyuan::status::{fetch, render, Health};
+    use std::io::IsTerminal;
+    let cfg = config::load(config_path)?.config;
+    let socket = cfg.status_socket();
+    let snap = runtime()?.block_on(fetch(&socket));
+    match snap {
+        Some(s) => {
+            let (state, _) = s.health();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", render(&s, std::io::stdout().is_terminal()));
+            }
+            Ok(ExitCode::from(match state {
+                Health::Ok => 0,
+                Health::Degraded => 1,
+                Health::Down => 2,
+            }))
+        }
+        None => {
+            // Not running: say so in one line, then what the store can tell.
+            let dir = &cfg.gateway.state_dir;
+            let rows = shuyuan::outbox::admin::list(dir).unwrap_or_default();
+            let bytes: u64 = rows.iter().map(|r| r.bytes).sum();
+            let last_ack = shuyuan::outbox::admin::audit_list(dir, 0, usize::MAX)
+                .unwrap_or_default()
+                .into_iter()
+                .rev()
+                .find(|e| e.kind == "batch_acked")
+                .map(|e| shuyuan::timefmt::rfc3339_ms(e.ts_ms));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "gateway": cfg.gateway.id, "running": false, "buffer_batches": rows.len(), "buffer_bytes": bytes, "last_ack": last_ack })
+                );
+            } else {
+                println!(
+                    "{} — DOWN: the gateway is not running (no answer on {})",
+                    cfg.gateway.id,
+                    socket.display()
+                );
+                println!(
+                    "buffer   {} batches, {} waiting; last upload acknowledged {}",
+                    rows.len(),
+                    config::ByteSize(bytes),
+                    last_ack.as_deref().unwrap_or("never")
+                );
+            }
+            Ok(ExitCode::from(2))
         }
     }
 }

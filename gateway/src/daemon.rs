@@ -149,6 +149,7 @@ pub async fn run_with(
 
     let wake = Arc::new(Notify::new());
     let sealed_all = CancellationToken::new();
+    let status_outbox = outbox.clone();
     let sealer = Sealer {
         gateway_id: gw.id.clone(),
         pseudonym_key_id,
@@ -180,6 +181,14 @@ pub async fn run_with(
         stats: stats.pipeline.clone(),
     };
     tasks.spawn(uplink.run(shutdown.clone()));
+    tasks.spawn(crate::status::serve(
+        config.status_socket(),
+        gw.id.clone(),
+        stats.clone(),
+        status_outbox,
+        config.buffer.max_bytes.0,
+        shutdown.clone(),
+    ));
     tasks.close();
     tracing::info!(gateway = %gw.id, sources = config.sources.len(), "gateway running");
 

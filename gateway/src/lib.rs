@@ -37,6 +37,7 @@ pub mod receiver;
 pub mod seal;
 pub mod sim;
 pub mod stats;
+pub mod status;
 pub mod timefmt;
 pub mod tls;
 pub mod uplink;

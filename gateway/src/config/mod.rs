@@ -38,6 +38,26 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileConfig>,
     #[serde(default)]
     pub pseudonym: Option<PseudonymConfig>,
+    #[serde(default)]
+    pub status: StatusConfig,
+}
+
+/// `[status]`: where `shuyuan status` finds the running daemon.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Unix socket, created 0660; `<state_dir>/status.sock` when not set.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn status_socket(&self) -> PathBuf {
+        self.status
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.gateway.state_dir.join("status.sock"))
+    }
 }
 
 impl Config {
@@ -467,6 +487,9 @@ fn resolve_paths(config: &mut Config, base: &Path) {
     config.gateway.state_dir = base.join(&config.gateway.state_dir);
     if let Some(p) = &mut config.pseudonym {
         p.key = base.join(&p.key);
+    }
+    if let Some(s) = &mut config.status.socket {
+        *s = base.join(&*s);
     }
 }
 

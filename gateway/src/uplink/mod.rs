@@ -283,6 +283,10 @@ impl Uplink {
                 }
                 self.stats.batches_acked.fetch_add(1, Relaxed);
                 self.stats
+                    .last_ack_ms
+                    .store(crate::timefmt::now_ms(), Relaxed);
+                self.stats.consecutive_failures.store(0, Relaxed);
+                self.stats
                     .bytes_acked
                     .fetch_add(b.envelope.len() as u64, Relaxed);
                 self.stats.set_upload_error(None);
@@ -292,6 +296,7 @@ impl Uplink {
             }
             Err(e) => {
                 self.stats.upload_failures.fetch_add(1, Relaxed);
+                self.stats.consecutive_failures.fetch_add(1, Relaxed);
                 self.stats.set_upload_error(Some(e.to_string()));
                 match e.retry() {
                     Retry::Never => {

@@ -8,3 +8,4 @@ mod interop;
 mod outbox;
 mod receiver;
 mod schedule;
+mod status;

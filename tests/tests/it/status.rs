@@ -1,0 +1,110 @@
+//! `shuyuan status` against a live daemon (healthy, then with a dead device) and a stopped one.
+
+use std::process::Command;
+use std::time::Duration;
+
+use shuyuan_tests::*;
+use tokio_util::sync::CancellationToken;
+
+fn status(world: &World, json: bool) -> (Option<i32>, String) {
+    let mut c = Command::new(shuyuan_bin());
+    c.arg("status")
+        .arg("--config")
+        .arg(world.path().join("gateway.toml"));
+    if json {
+        c.arg("--json");
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn source(id: &str, addr: &str) -> String {
+    format!("[[sources]]\nid = \"{id}\"\nkind = \"modbus-tcp\"\naddress = \"{addr}\"\ninterval = \"100ms\"\ntimeout = \"200ms\"\npolicy = \"p\"\ntags = {{ meter_id = \"WTR-1201-000317\" }}\npoints = [ {{ name = \"counter\", register = \"holding\", address = 200, type = \"u32\" }} ]\n\n")
+}
+
+const POLICY: &str = "[policies.p]\nfields.counter = { action = \"keep\", grade = \"internal\" }\nfields.meter_id = { action = \"mask\", keep_head = 3, grade = \"personal\" }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_ok_then_degraded_from_a_live_daemon_and_down_when_stopped() {
+    let world = World::new();
+    let stop = CancellationToken::new();
+    let dev = start_sim(shuyuan::sim::pump_station(), &stop).await;
+    let rx = start_receiver(&world, None).await;
+    let cfg = gateway_config(
+        &world,
+        &rx.url(),
+        "200ms",
+        &(source("pump", &dev.to_string()) + POLICY),
+    );
+    let gw = start_gateway(cfg);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            rx.records(GATEWAY_ID).len() >= 5
+        })
+        .await
+    );
+
+    let (code, text) = status(&world, false);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("— OK") && text.contains("pump") && text.contains("last success"),
+        "{text}"
+    );
+    let (_, json) = status(&world, true);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        v["fields_deidentified"].as_u64().unwrap() >= 5,
+        "policy counts are in status: {v}"
+    );
+    assert!(v["sources"][0]["polls_ok"].as_u64().unwrap() >= 5);
+    assert!(
+        !json.contains("WTR-1201-000317") && !text.contains("WTR-1201"),
+        "no field value in status"
+    );
+    gw.shutdown().await.unwrap();
+
+    // A device that does not answer makes the gateway DEGRADED, with the reason in words.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg = gateway_config(
+        &world,
+        &rx.url(),
+        "200ms",
+        &(source("pump", &dev.to_string()) + &source("dead", &dead.to_string()) + POLICY),
+    );
+    let gw = start_gateway(cfg);
+    let st = gw.stats.clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            st.sources.lock().unwrap().iter().any(|(id, s)| {
+                &**id == "dead" && s.polls_failed.load(std::sync::atomic::Ordering::Relaxed) > 0
+            })
+        })
+        .await
+    );
+    let (code, text) = status(&world, false);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("DEGRADED") && text.contains("source dead is not answering"),
+        "{text}"
+    );
+    gw.shutdown().await.unwrap();
+
+    let (code, text) = status(&world, false);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("not running") && text.contains("last upload acknowledged 20"),
+        "{text}"
+    );
+    stop.cancel();
+    rx.shutdown().await;
+}
