@@ -97,6 +97,7 @@ fn main() {
         let quota = Quota {
             max_bytes: 64 << 30,
             on_full: OnFull::DropOldest,
+            min_free_disk: 0,
         };
         let (outbox, _, _t) = Outbox::open(dir.path(), quota).unwrap();
         let mut envelopes = Vec::new();

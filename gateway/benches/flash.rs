@@ -46,7 +46,7 @@ fn run(records_per_batch: u32, batches: u64) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let (ob, _, _t) = Outbox::open(dir.path(), Quota { max_bytes: 1 << 30, on_full: OnFull::DropOldest }).unwrap();
+        let (ob, _, _t) = Outbox::open(dir.path(), Quota { max_bytes: 1 << 30, on_full: OnFull::DropOldest, min_free_disk: 0 }).unwrap();
         let mut sealed = 0u64;
         let mut x = 7u64;
         let start = io("wchar:");

@@ -168,6 +168,7 @@ fn run_pipeline(pool: &[Record], n: usize, policy: &Arc<Policy>) -> (Duration, u
         let quota = Quota {
             max_bytes: 8 << 30,
             on_full: OnFull::DropOldest,
+            min_free_disk: 0,
         };
         let (outbox, _, _thread) = Outbox::open(dir.path(), quota).unwrap();
         let stats = Arc::new(shuyuan::stats::PipelineStats::default());
@@ -328,6 +329,7 @@ fn main() {
                 Quota {
                     max_bytes: 8 << 30,
                     on_full: OnFull::DropOldest,
+                    min_free_disk: 0,
                 },
             )
             .unwrap();

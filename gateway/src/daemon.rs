@@ -65,6 +65,7 @@ pub async fn run_with(
     let quota = Quota {
         max_bytes: config.buffer.max_bytes.0,
         on_full: config.buffer.on_full,
+        min_free_disk: config.buffer.min_free_disk.0,
     };
     let (outbox, resume, db_thread) = Outbox::open(&gw.state_dir, quota)?;
     tracing::info!(gateway = %gw.id, pending = resume.pending, last_seq = resume.last_seq, "outbox open");

@@ -172,6 +172,14 @@ pub struct BufferConfig {
     pub max_bytes: ByteSize,
     #[serde(default)]
     pub on_full: OnFull,
+    /// Free space the outbox leaves on the state_dir's file system; below it, the buffer
+    /// counts as full (on_full applies).
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk: ByteSize,
+}
+
+fn default_min_free_disk() -> ByteSize {
+    ByteSize::mib(64)
 }
 
 fn default_buffer_bytes() -> ByteSize {
@@ -183,6 +191,7 @@ impl Default for BufferConfig {
         Self {
             max_bytes: default_buffer_bytes(),
             on_full: OnFull::default(),
+            min_free_disk: default_min_free_disk(),
         }
     }
 }

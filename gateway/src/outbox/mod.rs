@@ -65,6 +65,14 @@ impl From<rusqlite::Error> for OutboxError {
 pub struct Quota {
     pub max_bytes: u64,
     pub on_full: OnFull,
+    /// Free bytes to leave on the file system (0: no check).
+    pub min_free_disk: u64,
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// What the store held when opened.
@@ -105,6 +113,7 @@ pub struct Evicted {
 pub struct Outbox {
     db: Db,
     quota: Quota,
+    dir: Arc<std::path::PathBuf>,
 }
 
 impl Outbox {
@@ -174,7 +183,15 @@ impl Outbox {
             resume = read_resume(c)?;
             Ok(())
         })?;
-        Ok((Self { db, quota }, resume, handle))
+        Ok((
+            Self {
+                db,
+                quota,
+                dir: Arc::new(path.parent().unwrap_or(Path::new(".")).to_path_buf()),
+            },
+            resume,
+            handle,
+        ))
     }
 
     /// Commits one sealed batch, evicting the oldest pending batches first if the quota
@@ -209,6 +226,16 @@ impl Outbox {
         tally: crate::policy::Tally,
     ) -> Result<Evicted, OutboxError> {
         let quota = self.quota;
+        // Low on disk: the buffer may not grow, only reuse the room that eviction frees.
+        let low_disk = quota.min_free_disk > 0
+            && free_bytes(&self.dir)
+                .is_some_and(|f| f < quota.min_free_disk.saturating_add(envelope.len() as u64));
+        if low_disk {
+            tracing::warn!(
+                min_free = quota.min_free_disk,
+                "file system nearly full: the outbox treats its buffer as full"
+            );
+        }
         self.db
             .call(move |c| {
                 let b = NewBatch {
@@ -218,6 +245,7 @@ impl Outbox {
                     envelope: &envelope,
                     source_seqs: &source_seqs,
                     tally: &tally,
+                    low_disk,
                 };
                 append_tx(c, quota, &b)
             })
@@ -384,6 +412,8 @@ struct NewBatch<'a> {
     envelope: &'a [u8],
     source_seqs: &'a BTreeMap<Arc<str>, u64>,
     tally: &'a crate::policy::Tally,
+    /// The file system is short of space: the buffer may not grow.
+    low_disk: bool,
 }
 
 fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evicted, OutboxError> {
@@ -394,6 +424,7 @@ fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evict
         envelope,
         source_seqs,
         tally,
+        low_disk,
     } = *b;
     let tx = c.transaction()?;
     let size = envelope.len() as u64;
@@ -401,12 +432,14 @@ fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evict
         r.get::<_, i64>(0)
     })? as u64;
     let mut evicted = Evicted::default();
-    while used + size > quota.max_bytes {
+    let max = if low_disk {
+        used.min(quota.max_bytes)
+    } else {
+        quota.max_bytes
+    };
+    while used + size > max {
         if quota.on_full == OnFull::Pause {
-            return Err(OutboxError::Full {
-                used,
-                max: quota.max_bytes,
-            });
+            return Err(OutboxError::Full { used, max });
         }
         let oldest: Option<(i64, i64, i64)> = tx
             .query_row(
@@ -480,6 +513,7 @@ mod tests {
         Quota {
             max_bytes: max,
             on_full: OnFull::DropOldest,
+            min_free_disk: 0,
         }
     }
 
@@ -541,6 +575,7 @@ mod tests {
             Quota {
                 max_bytes: 150,
                 on_full: OnFull::Pause,
+                min_free_disk: 0,
             },
         )
         .unwrap();
@@ -564,6 +599,7 @@ mod corruption {
         Quota {
             max_bytes: 1 << 20,
             on_full: OnFull::DropOldest,
+            min_free_disk: 0,
         }
     }
 
@@ -617,5 +653,47 @@ mod corruption {
                 .await
                 .unwrap();
         }
+    }
+}
+
+#[cfg(test)]
+mod low_disk {
+    use super::*;
+
+    #[tokio::test]
+    async fn below_min_free_disk_the_buffer_does_not_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        // More free space than any disk has: always "low".
+        let q = Quota {
+            max_bytes: 1 << 30,
+            on_full: OnFull::DropOldest,
+            min_free_disk: u64::MAX / 4,
+        };
+        let (ob, _, _h) = Outbox::open(dir.path(), q).unwrap();
+        for seq in 1..=3 {
+            ob.append(seq, 0, 2, vec![0; 500].into(), BTreeMap::new())
+                .await
+                .unwrap();
+        }
+        let d = ob.depth().await.unwrap();
+        assert_eq!(
+            d.batches, 1,
+            "each new batch replaced the oldest instead of growing the file"
+        );
+        assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 3);
+
+        let dir = tempfile::tempdir().unwrap();
+        let q = Quota {
+            max_bytes: 1 << 30,
+            on_full: OnFull::Pause,
+            min_free_disk: u64::MAX / 4,
+        };
+        let (ob, _, _h) = Outbox::open(dir.path(), q).unwrap();
+        // Under pause, the disk's reserve wins: nothing new is written until space returns.
+        let r = ob
+            .append(1, 0, 2, vec![0; 500].into(), BTreeMap::new())
+            .await;
+        assert!(matches!(r, Err(OutboxError::Full { .. })));
+        assert_eq!(ob.depth().await.unwrap().batches, 0);
     }
 }
