@@ -124,8 +124,10 @@ pub async fn run_with(
         match s.kind {
             SourceKind::ModbusTcp => {
                 let id: Arc<str> = Arc::from(s.id.as_str());
-                let src = ModbusTcpSource::from_config(s, config.points_of(s), stats.source(&id))
-                    .map_err(anyhow::Error::msg)?;
+                let mut src =
+                    ModbusTcpSource::from_config(s, config.points_of(s), stats.source(&id))
+                        .map_err(anyhow::Error::msg)?;
+                src.pipeline = Some(stats.pipeline.clone());
                 let next = resume
                     .source_seqs
                     .get(&s.id)
@@ -260,10 +262,31 @@ impl Sealer {
         shutdown: CancellationToken,
         sealed_all: CancellationToken,
     ) {
+        let mut audited_losses = 0u64;
         while let Some(b) = rx.recv().await {
             self.commit(b, &shutdown).await;
+            self.audit_losses(&mut audited_losses).await;
         }
+        self.audit_losses(&mut audited_losses).await;
         sealed_all.cancel();
+    }
+
+    /// Puts records lost since the last entry (not taken by a stalled pipeline, or sealed but
+    /// never committed) on the audit trail.
+    async fn audit_losses(&self, audited: &mut u64) {
+        let not_taken = self.stats.records_not_handed_on.load(Relaxed);
+        let uncommitted = self.stats.records_lost_uncommitted.load(Relaxed);
+        let total = not_taken + uncommitted;
+        if total > *audited {
+            let detail = serde_json::json!({
+                "records": total - *audited,
+                "since_start_not_taken_by_stalled_pipeline": not_taken,
+                "since_start_sealed_not_committed": uncommitted,
+            });
+            if self.outbox.audit("records_lost", detail).await.is_ok() {
+                *audited = total;
+            }
+        }
     }
 
     async fn commit(&mut self, b: Batch, shutdown: &CancellationToken) {

@@ -53,6 +53,8 @@ pub struct PipelineStats {
     pub records_evicted: AtomicU64,
     /// Sealed but never committed (store failing, or still full at shutdown under "pause").
     pub records_lost_uncommitted: AtomicU64,
+    /// Polled but not taken by the stalled pipeline, all sources together.
+    pub records_not_handed_on: AtomicU64,
     /// When the platform last acknowledged a batch (Unix ms; 0: not since start).
     pub last_ack_ms: AtomicI64,
     /// Failed uploads since the last success.

@@ -43,6 +43,8 @@ pub struct ModbusTcpSource {
     pub plan: ReadPlan,
     pub tags: Vec<Field>,
     pub stats: Arc<SourceStats>,
+    /// The gateway's totals, so losses reach the audit trail.
+    pub pipeline: Option<Arc<crate::stats::PipelineStats>>,
 }
 
 /// Why one poll failed, and whether the connection must be dropped.
@@ -83,6 +85,7 @@ impl ModbusTcpSource {
                 })
                 .collect(),
             stats,
+            pipeline: None,
         })
     }
 
@@ -165,6 +168,9 @@ impl ModbusTcpSource {
                         Err(mpsc::error::SendTimeoutError::Closed(_)) => break,
                         Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                             let n = self.stats.records_not_handed_on.fetch_add(1, Relaxed) + 1;
+                            if let Some(p) = &self.pipeline {
+                                p.records_not_handed_on.fetch_add(1, Relaxed);
+                            }
                             if n == 1 || n % 100 == 0 {
                                 tracing::warn!(source = %self.id, lost = n, "pipeline is not taking records (buffer full and paused?): records counted as lost");
                             }

@@ -315,6 +315,7 @@ impl Outbox {
                                 params![k, v],
                             )?;
                         }
+                        audit::append(&tx, "eviction_reversed", &serde_json::json!({ "seq": seq, "records": records, "reason": "evicted while its upload was under way, then acknowledged: not lost" }))?;
                         was_evicted = true;
                     }
                 }
