@@ -75,6 +75,15 @@ impl Device {
         }
     }
 
+    /// The poll counter's value (reads served that covered it), 0 without a counter.
+    pub fn poll_counter(&self) -> u64 {
+        let t = self.snapshot();
+        t.counter_at.map_or(0, |c| {
+            let i = usize::from(c);
+            u64::from(t.holding[i]) << 16 | u64::from(t.holding[i + 1])
+        })
+    }
+
     pub fn snapshot(&self) -> Tables {
         self.tables.lock().map(|t| t.clone()).unwrap_or_default()
     }

@@ -348,3 +348,10 @@ pub async fn start_refusing_platform(
         }
     });
 }
+
+/// A loopback address with a port nothing listens on (yet).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}

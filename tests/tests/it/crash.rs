@@ -86,11 +86,7 @@ async fn sigkill_at_random_moments_loses_at_most_the_open_batch_and_writes_nothi
     c.sort_unstable();
     c.dedup();
     assert_eq!(c.len(), delivered, "no record written twice");
-    let polled = {
-        let t = device.snapshot();
-        (u64::from(t.holding[sim::COUNTER_ADDR as usize]) << 16
-            | u64::from(t.holding[sim::COUNTER_ADDR as usize + 1])) as usize
-    };
+    let polled = device.poll_counter() as usize;
     let lost = polled - delivered;
     eprintln!(
         "crash loop: {KILLS} SIGKILLs, {polled} polls, {delivered} delivered, {lost} lost, {} batches acked as duplicate",
@@ -119,10 +115,7 @@ async fn receiver_killed_mid_upload_loses_nothing_and_writes_nothing_twice() {
     let stop = CancellationToken::new();
     let device = sim::pump_station();
     let addr = start_sim(device.clone(), &stop).await;
-    let raddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let raddr = free_addr();
     let log = world.path().join("receiver.log");
     let mut receiver = spawn_receiver_process(&world, raddr, &log);
     let cfg = gateway_config(
@@ -148,11 +141,7 @@ async fn receiver_killed_mid_upload_loses_nothing_and_writes_nothing_twice() {
     })
     .await;
     gw.shutdown().await.unwrap();
-    let polled = {
-        let t = device.snapshot();
-        u64::from(t.holding[sim::COUNTER_ADDR as usize]) << 16
-            | u64::from(t.holding[sim::COUNTER_ADDR as usize + 1])
-    };
+    let polled = device.poll_counter();
     // Give the receiver the batches the final drain pushed, then stop it.
     let _ = terminate(&mut receiver, Duration::from_secs(10));
     assert!(drained, "backlog drained after the receiver came back");
@@ -178,10 +167,7 @@ async fn a_corrupted_store_is_reported_moved_aside_and_the_gateway_goes_on() {
     let stop = CancellationToken::new();
     let addr = start_sim(sim::pump_station(), &stop).await;
     // The platform is down while the first run fills the outbox.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = free_addr();
     gateway_config(
         &world,
         &format!("https://{port}"),
@@ -282,10 +268,7 @@ async fn a_long_outage_under_load_keeps_memory_flat_and_delivers_everything_in_o
     for p in 0..100 {
         body += &format!("fields.r{p:03} = {{ action = \"keep\", grade = \"internal\" }}\n");
     }
-    let raddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let raddr = free_addr();
     gateway_config(&world, &format!("https://{raddr}"), "1s", &body);
     let rlog = world.path().join("receiver.log");
     let mut receiver = spawn_receiver_process(&world, raddr, &rlog);

@@ -93,10 +93,7 @@ async fn modbus_values_reach_the_receiver_exactly_after_policy_with_no_counter_g
     gw.shutdown().await.unwrap();
 
     let recs = rx.records(GATEWAY_ID);
-    let reads_served = {
-        let t = device.snapshot();
-        u64::from(t.holding[200]) << 16 | u64::from(t.holding[201])
-    };
+    let reads_served = device.poll_counter();
     // Every poll that read the counter was delivered: the final drain leaves nothing behind.
     assert_eq!(
         recs.len() as u64,
@@ -144,10 +141,7 @@ async fn outage_then_recovery_delivers_the_backlog_in_order() {
     let stop = CancellationToken::new();
     let sim = start_sim(known_device(), &stop).await;
     // Reserve a port for the receiver, which is not running yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = free_addr();
     let cfg = gateway_config(
         &world,
         &format!("https://{port}"),
@@ -198,10 +192,7 @@ async fn exceptions_and_dead_devices_are_counted_while_healthy_sources_keep_flow
     // A device with a small register map: reading address 100 answers an exception.
     let small = start_sim(Device::new(Tables::sized(10, 10, 10, 10)), &stop).await;
     // Nothing listens here.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = free_addr();
     let extra = |id: &str, addr: &str| {
         format!(
             "\n[[sources]]\nid = \"{id}\"\nkind = \"modbus-tcp\"\naddress = \"{addr}\"\ninterval = \"100ms\"\ntimeout = \"300ms\"\npolicy = \"telemetry\"\npoints = [ {{ name = \"flow\", register = \"holding\", address = 100, type = \"f32\" }} ]\n"
@@ -262,10 +253,7 @@ async fn a_full_buffer_evicts_oldest_and_the_count_equals_the_gap_the_platform_s
     let stop = CancellationToken::new();
     let device = known_device();
     let sim = start_sim(device.clone(), &stop).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = free_addr();
     gateway_config(
         &world,
         &format!("https://{port}"),
@@ -297,10 +285,7 @@ async fn a_full_buffer_evicts_oldest_and_the_count_equals_the_gap_the_platform_s
     gw.shutdown().await.unwrap();
     assert!(drained);
     let delivered = rx.records(GATEWAY_ID).len() as u64;
-    let polled = {
-        let t = device.snapshot();
-        u64::from(t.holding[200]) << 16 | u64::from(t.holding[201])
-    };
+    let polled = device.poll_counter();
     let evicted = p.records_evicted.load(Relaxed);
     assert_eq!(
         polled - delivered,
@@ -325,10 +310,7 @@ async fn pause_keeps_polling_counts_what_it_could_not_take_and_resumes() {
     let stop = CancellationToken::new();
     let device = known_device();
     let sim = start_sim(device.clone(), &stop).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = free_addr();
     let fast = SOURCES
         .replace("ADDR", &sim.to_string())
         .replace("interval = \"100ms\"", "interval = \"10ms\"");
@@ -371,10 +353,7 @@ async fn pause_keeps_polling_counts_what_it_could_not_take_and_resumes() {
     assert!(resumed, "uploads resume when the platform is back");
     gw.shutdown().await.unwrap();
     let delivered = rx.records(GATEWAY_ID).len() as u64;
-    let polled = {
-        let t = device.snapshot();
-        u64::from(t.holding[200]) << 16 | u64::from(t.holding[201])
-    };
+    let polled = device.poll_counter();
     let counted =
         src.records_not_handed_on.load(Relaxed) + p.records_lost_uncommitted.load(Relaxed);
     // What the final drain did not push is still in the outbox, for the next start.
@@ -398,10 +377,7 @@ async fn several_batches_in_flight_drain_a_backlog_exactly_once() {
     let world = World::new();
     let stop = CancellationToken::new();
     let sim = start_sim(known_device(), &stop).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = free_addr();
     gateway_config(
         &world,
         &format!("https://{port}"),

@@ -79,11 +79,7 @@ async fn values_from_a_pymodbus_device_arrive_exactly() {
     use std::time::Duration;
 
     let world = World::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_addr().port();
     let mut server = std::process::Command::new(python())
         .arg(repo().join("tests/interop/modbus_server.py"))
         .arg(port.to_string())

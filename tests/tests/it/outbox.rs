@@ -33,10 +33,7 @@ async fn refused_batches_are_quarantined_and_the_operator_retries_or_drops_them(
     let world = World::new();
     let stop = CancellationToken::new();
     let dev = start_sim(sim::pump_station(), &stop).await;
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = free_addr();
     let refuse = CancellationToken::new();
     start_refusing_platform(&world, addr, 422, &refuse).await;
     let body = format!(

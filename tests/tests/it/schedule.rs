@@ -84,10 +84,7 @@ async fn a_bandwidth_cap_keeps_the_average_upload_rate_under_it() {
     let stop = CancellationToken::new();
     let addr = start_sim(sim::pump_station(), &stop).await;
     // The platform is down first, so a backlog builds up that would drain at once.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = free_addr();
     gateway_config(
         &world,
         &format!("https://{port}"),

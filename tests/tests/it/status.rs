@@ -71,10 +71,7 @@ async fn status_reads_ok_then_degraded_from_a_live_daemon_and_down_when_stopped(
     gw.shutdown().await.unwrap();
 
     // A device that does not answer makes the gateway DEGRADED, with the reason in words.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = free_addr();
     let cfg = gateway_config(
         &world,
         &rx.url(),
