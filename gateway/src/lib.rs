@@ -30,6 +30,7 @@ pub mod daemon;
 pub mod db;
 pub mod demo;
 pub mod keys;
+pub mod mtls_server;
 pub mod outbox;
 pub mod pki;
 pub mod policy;

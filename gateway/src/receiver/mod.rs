@@ -11,13 +11,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -127,85 +125,25 @@ impl Receiver {
 
     /// Serves until `shutdown` fires.
     pub async fn serve(self, shutdown: CancellationToken) {
-        let conns = tokio_util::task::TaskTracker::new();
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let acceptor = self.acceptor.clone();
-            let shared = self.shared.clone();
-            let stop = shutdown.clone();
-            conns.spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = serve_conn(acceptor, shared, tcp, peer) => {}
-                }
-            });
-        }
-        conns.close();
-        conns.wait().await;
+        crate::mtls_server::serve(self.listener, self.acceptor, Platform(self.shared), shutdown).await;
     }
 }
 
-async fn serve_conn(
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-) {
-    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            shared.stats.handshakes_refused.fetch_add(1, Relaxed);
-            tracing::warn!(%peer, "TLS handshake refused: {e}");
-            return;
-        }
-        Err(_) => {
-            shared.stats.handshakes_refused.fetch_add(1, Relaxed);
-            tracing::warn!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    let ident = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-        Some(cert) => match crate::tls::identity(cert) {
-            Ok(i) => Arc::new(i),
-            Err(e) => {
-                tracing::warn!(%peer, "client certificate unusable: {e}");
-                return;
-            }
-        },
-        None => return, // the verifier requires one; nothing to serve otherwise
-    };
-    let svc = hyper::service::service_fn(move |req| {
-        let shared = shared.clone();
-        let ident = ident.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &ident).await) }
-    });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(tls), svc)
-        .await
-    {
-        tracing::debug!(%peer, "connection ended: {e}");
+#[derive(Clone)]
+struct Platform(Arc<Shared>);
+
+impl crate::mtls_server::Handler for Platform {
+    async fn handle(&self, req: Request<Incoming>, client: Arc<Identity>) -> Response<Full<Bytes>> {
+        handle(req, &self.0, &client).await
+    }
+
+    fn refused(&self, peer: SocketAddr, why: String) {
+        self.0.stats.handshakes_refused.fetch_add(1, Relaxed);
+        tracing::warn!(%peer, "{why}");
     }
 }
 
-fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    r
-}
+use crate::mtls_server::answer;
 
 fn reject(shared: &Shared, status: StatusCode, gw: &str, why: String) -> Response<Full<Bytes>> {
     shared.stats.rejected.fetch_add(1, Relaxed);
