@@ -153,6 +153,22 @@ pub async fn run_with(
     let wake = Arc::new(Notify::new());
     let sealed_all = CancellationToken::new();
     let status_outbox = outbox.clone();
+    if let Some(h) = &config.health {
+        // The gateway answers with its own certificate (CN and DNS name = gateway id).
+        let tls = crate::tls::server_config(&u.ca, &u.cert, &u.key)?;
+        let addr = crate::health::serve(
+            &h.listen,
+            tls,
+            h.allow.clone(),
+            gw.id.clone(),
+            stats.clone(),
+            outbox.clone(),
+            config.buffer.max_bytes.0,
+            shutdown.clone(),
+        )
+        .await?;
+        tracing::info!(%addr, "health endpoint listening");
+    }
     let sealer = Sealer {
         gateway_id: gw.id.clone(),
         pseudonym_key_id,

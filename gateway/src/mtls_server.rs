@@ -19,13 +19,22 @@ use tokio_util::sync::CancellationToken;
 use crate::tls::Identity;
 
 pub trait Handler: Clone + Send + Sync + 'static {
-    fn handle(&self, req: Request<Incoming>, client: Arc<Identity>) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: Arc<Identity>,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
     /// A client refused at the handshake (no certificate, another CA, a timeout).
     fn refused(&self, peer: SocketAddr, why: String);
 }
 
 /// Serves until `shutdown`; connections under way end with it.
-pub async fn serve<H: Handler>(listener: TcpListener, acceptor: TlsAcceptor, handler: H, shutdown: CancellationToken) {
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handler: H,
+    shutdown: CancellationToken,
+) {
     let conns = tokio_util::task::TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -51,7 +60,12 @@ pub async fn serve<H: Handler>(listener: TcpListener, acceptor: TlsAcceptor, han
     conns.wait().await;
 }
 
-async fn serve_conn<H: Handler>(acceptor: TlsAcceptor, handler: H, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+async fn serve_conn<H: Handler>(
+    acceptor: TlsAcceptor,
+    handler: H,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return handler.refused(peer, format!("TLS handshake refused: {e}")),
@@ -68,7 +82,10 @@ async fn serve_conn<H: Handler>(acceptor: TlsAcceptor, handler: H, tcp: tokio::n
         let (handler, ident) = (handler.clone(), ident.clone());
         async move { Ok::<_, std::convert::Infallible>(handler.handle(req, ident).await) }
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await {
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(tls), svc)
+        .await
+    {
         tracing::debug!(%peer, "connection ended: {e}");
     }
 }
@@ -77,7 +94,9 @@ async fn serve_conn<H: Handler>(acceptor: TlsAcceptor, handler: H, tcp: tokio::n
 pub fn answer(status: hyper::StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }

@@ -82,14 +82,14 @@ fn validity(p: &mut CertificateParams, years: i32) {
 fn leaf(
     cn: &str,
     sans: Vec<String>,
-    usage: ExtendedKeyUsagePurpose,
+    usage: Vec<ExtendedKeyUsagePurpose>,
 ) -> Result<CertificateParams, PkiError> {
     let mut p = CertificateParams::new(sans)?;
     p.distinguished_name.push(DnType::CommonName, cn);
     p.distinguished_name
         .push(DnType::OrganizationName, "Shuyuan dev PKI");
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![usage];
+    p.extended_key_usages = usage;
     validity(&mut p, 2);
     Ok(p)
 }
@@ -134,21 +134,26 @@ pub fn dev_pki(dir: &Path, gateway_id: &str, extra_hosts: &[String]) -> Result<D
         (
             "platform-server",
             hosts,
-            ExtendedKeyUsagePurpose::ServerAuth,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
             pki.server_cert(),
             pki.server_key(),
         ),
         (
+            // The gateway also serves its health endpoint with this certificate: the
+            // platform verifies it by the gateway id as DNS name.
             gateway_id,
-            vec![],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            vec![gateway_id.to_string()],
+            vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
             pki.gateway_cert(),
             pki.gateway_key(),
         ),
         (
             "platform-health",
             vec![],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
             pki.health_cert(),
             pki.health_key(),
         ),

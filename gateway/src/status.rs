@@ -104,7 +104,7 @@ impl Snapshot {
     }
 }
 
-async fn snapshot(
+pub async fn snapshot(
     gateway: &str,
     started_ms: i64,
     stats: &Stats,

@@ -355,3 +355,44 @@ pub fn free_addr() -> SocketAddr {
         .and_then(|l| l.local_addr())
         .expect("free port")
 }
+
+/// `GET path` over mutual TLS to a gateway's health endpoint, verifying the gateway's
+/// certificate by its id as DNS name. Returns the status and body, or the connection error.
+pub async fn health_get(
+    addr: SocketAddr,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    gateway_id: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
+    use http_body_util::{BodyExt, Empty};
+    let tls = shuyuan::tls::client_config(ca, cert, key).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(gateway_id.to_string())
+        .map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, gateway_id)
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}

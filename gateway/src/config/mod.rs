@@ -40,6 +40,19 @@ pub struct Config {
     pub pseudonym: Option<PseudonymConfig>,
     #[serde(default)]
     pub status: StatusConfig,
+    /// The platform's pull endpoint; off when absent.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+/// `[health]`: HTTPS for the platform, mutual TLS, only listed identities.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `ip:port`, e.g. "0.0.0.0:9443".
+    pub listen: String,
+    /// Client certificate CNs (of the platform's CA) allowed to read health.
+    pub allow: Vec<String>,
 }
 
 /// `[status]`: where `shuyuan status` finds the running daemon.

@@ -49,6 +49,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_gateway(config, &mut p);
     check_uplink(config, &mut p);
     check_batch(config, &mut p);
+    check_health(config, &mut p);
 
     let key = match &config.pseudonym {
         None => None,
@@ -248,6 +249,23 @@ fn check_uplink(config: &Config, p: &mut Problems) {
         if every.0.as_millis() < 100 {
             p.error(at.key("every"), "every must be at least 100ms");
         }
+    }
+}
+
+fn check_health(config: &Config, p: &mut Problems) {
+    let Some(h) = &config.health else { return };
+    let at = KeyPath::root().key("health");
+    if h.listen.parse::<std::net::SocketAddr>().is_err() {
+        p.error(
+            at.key("listen"),
+            format!(
+                "listen {:?} must be ip:port, e.g. \"0.0.0.0:9443\"",
+                h.listen
+            ),
+        );
+    }
+    if h.allow.is_empty() {
+        p.error(at.key("allow"), "allow must list at least one client identity (certificate CN), e.g. [\"platform-health\"]");
     }
 }
 

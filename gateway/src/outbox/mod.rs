@@ -252,6 +252,18 @@ impl Outbox {
             .await?
     }
 
+    /// Audit entries after `after`, oldest first (the health endpoint's `/v1/audit`).
+    pub async fn audit_entries(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<audit::Entry>, OutboxError> {
+        Ok(self
+            .db
+            .call(move |c| audit::list(c, after, limit))
+            .await??)
+    }
+
     /// Records an event in the audit trail on its own (start-up, configuration).
     pub async fn audit(
         &self,

@@ -125,7 +125,13 @@ impl Receiver {
 
     /// Serves until `shutdown` fires.
     pub async fn serve(self, shutdown: CancellationToken) {
-        crate::mtls_server::serve(self.listener, self.acceptor, Platform(self.shared), shutdown).await;
+        crate::mtls_server::serve(
+            self.listener,
+            self.acceptor,
+            Platform(self.shared),
+            shutdown,
+        )
+        .await;
     }
 }
 
