@@ -88,6 +88,12 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Refresh in place every 2 seconds until Ctrl-C.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+        /// With --watch: stop after this many screens.
+        #[arg(long, requires = "watch")]
+        count: Option<u32>,
     },
     /// Ask the running gateway to upload now, whatever its schedule (it gets SIGUSR1).
     Push {
@@ -399,7 +405,22 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Outbox { command } => outbox_command(command),
-        Command::Status { config, json } => status_command(&config, json),
+        Command::Status {
+            config,
+            json,
+            watch: false,
+            ..
+        } => status_command(&config, json),
+        Command::Status { config, count, .. } => {
+            // Bounded by Ctrl-C, or by --count for scripts.
+            let mut code = ExitCode::SUCCESS;
+            for _ in 0..count.unwrap_or(u32::MAX) {
+                print!("\x1b[2J\x1b[H");
+                code = status_command(&config, false)?;
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+            Ok(code)
+        }
         Command::Audit { command } => audit_command(command),
         Command::Keys {
             command: KeysCommand::Init { out },

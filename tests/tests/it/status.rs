@@ -68,6 +68,18 @@ async fn status_reads_ok_then_degraded_from_a_live_daemon_and_down_when_stopped(
         !json.contains("WTR-1201-000317") && !text.contains("WTR-1201"),
         "no field value in status"
     );
+    let out = Command::new(shuyuan_bin())
+        .args(["status", "--watch", "--count", "2", "--config"])
+        .arg(world.path().join("gateway.toml"))
+        .output()
+        .unwrap();
+    let watched = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        watched.matches("\x1b[2J").count(),
+        2,
+        "two screens, each redrawn in place"
+    );
+    assert_eq!(watched.matches("— OK").count(), 2, "{watched}");
     gw.shutdown().await.unwrap();
 
     // A device that does not answer makes the gateway DEGRADED, with the reason in words.
