@@ -95,6 +95,15 @@ enum Command {
         #[arg(long, requires = "watch")]
         count: Option<u32>,
     },
+    /// Destroy the buffered batches and the key material (gateway key, pseudonym key) for
+    /// good, leaving only the audit trail with the destruction record. Stop the daemon first.
+    Purge {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Required: this cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Ask the running gateway to upload now, whatever its schedule (it gets SIGUSR1).
     Push {
         #[arg(long, short)]
@@ -333,8 +342,10 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Push { config } => {
-            let loaded = config::load(&config)?;
-            let pid_file = loaded.config.gateway.state_dir.join(PID_FILE);
+            let pid_file = config::load_unchecked(&config)?
+                .gateway
+                .state_dir
+                .join(PID_FILE);
             let pid: u32 = std::fs::read_to_string(&pid_file)
                 .ok()
                 .and_then(|t| t.trim().parse().ok())
@@ -405,6 +416,30 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Outbox { command } => outbox_command(command),
+        Command::Purge { config, yes } => {
+            let cfg = config::load_unchecked(&config)?;
+            if !yes {
+                anyhow::bail!("purge destroys every buffered batch and the gateway's keys for good; add --yes to confirm");
+            }
+            if runtime()?
+                .block_on(shuyuan::status::fetch(&cfg.status_socket()))
+                .is_some()
+            {
+                anyhow::bail!("the gateway is running: stop it first (systemctl stop shuyuan)");
+            }
+            let mut keys = vec![cfg.uplink.key.clone()];
+            keys.extend(cfg.pseudonym.as_ref().map(|p| p.key.clone()));
+            let p = shuyuan::outbox::admin::purge(&cfg.gateway.state_dir, &keys)
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "purged: {} batches ({} records, {} bytes) destroyed; key files destroyed: {}; the destruction is recorded in the audit trail",
+                p.batches,
+                p.records,
+                p.bytes,
+                if p.key_files.is_empty() { "none found".to_string() } else { p.key_files.join(", ") }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status {
             config,
             json,
@@ -531,7 +566,7 @@ fn preview(
 fn outbox_command(cmd: OutboxCommand) -> anyhow::Result<ExitCode> {
     use shuyuan::outbox::admin;
     let dir = |config: &std::path::Path| -> anyhow::Result<PathBuf> {
-        Ok(config::load(config)?.config.gateway.state_dir)
+        Ok(config::load_unchecked(config)?.gateway.state_dir)
     };
     match cmd {
         OutboxCommand::List { config, json } => {
@@ -589,7 +624,7 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            let dir = config::load(&config)?.config.gateway.state_dir;
+            let dir = config::load_unchecked(&config)?.gateway.state_dir;
             let entries = admin::audit_list(&dir, after, limit).map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
@@ -607,7 +642,7 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Verify { config } => {
-            let dir = config::load(&config)?.config.gateway.state_dir;
+            let dir = config::load_unchecked(&config)?.gateway.state_dir;
             match admin::audit_verify(&dir).map_err(anyhow::Error::msg)? {
                 Ok(n) => {
                     println!("audit chain OK: {n} entries, each linked to the one before");
@@ -625,7 +660,7 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 fn status_command(config_path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     use shuyuan::status::{fetch, render, Health};
     use std::io::IsTerminal;
-    let cfg = config::load(config_path)?.config;
+    let cfg = config::load_unchecked(config_path)?;
     let socket = cfg.status_socket();
     let snap = runtime()?.block_on(fetch(&socket));
     match snap {

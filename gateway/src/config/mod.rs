@@ -457,6 +457,35 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     load_str(&text, path)
 }
 
+/// Reads and parses a config file without the validation pass (no file or certificate
+/// checks): for the commands that only need to find the state directory or the status socket
+/// (status, audit, outbox, push, purge), which must work on a box whose keys are gone or
+/// broken.
+pub fn load_unchecked(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let locator = Locator::new(&text);
+    let mut config: Config = toml::from_str(&text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| locator.line_col(s.start))
+            .unwrap_or((1, 1));
+        ConfigError::Invalid {
+            problems: vec![format!(
+                "{}:{}:{}: {}",
+                path.display(),
+                at.0,
+                at.1,
+                e.message().trim_end()
+            )],
+        }
+    })?;
+    resolve_paths(&mut config, path.parent().unwrap_or(Path::new(".")));
+    Ok(config)
+}
+
 /// Parses and validates config text as if read from `path` (which anchors relative paths
 /// and names the file in messages).
 pub fn load_str(text: &str, path: &Path) -> Result<Loaded, ConfigError> {

@@ -134,3 +134,71 @@ pub fn audit_verify(state_dir: &Path) -> Result<Result<u64, (i64, String)>, Stri
     let c = open(state_dir, false)?;
     super::audit::verify(&c).map_err(|e| e.to_string())
 }
+
+/// What `shuyuan purge` destroyed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Purged {
+    pub batches: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub key_files: Vec<String>,
+}
+
+/// Irreversibly destroys the buffered batches (their pages overwritten with zeros, the
+/// database rebuilt) and the given key files (overwritten, synced, unlinked), then writes the
+/// destruction record to the audit trail, which is all that remains.
+pub fn purge(state_dir: &Path, key_files: &[std::path::PathBuf]) -> Result<Purged, String> {
+    let mut c = open(state_dir, true)?;
+    c.execute_batch("PRAGMA secure_delete=ON")
+        .map_err(|e| e.to_string())?;
+    let (batches, records, bytes): (i64, i64, i64) = c
+        .query_row(
+            "SELECT COUNT(*), COALESCE(SUM(records), 0), COALESCE(SUM(bytes), 0) FROM batches",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .map_err(|e| e.to_string())?;
+    let tx = c.transaction().map_err(|e| e.to_string())?;
+    tx.execute("DELETE FROM batches", [])
+        .map_err(|e| e.to_string())?;
+    tx.execute("DELETE FROM evicted", [])
+        .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())?;
+    // Rewrite the file so no freed page keeps old content, and fold the WAL in.
+    c.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")
+        .map_err(|e| e.to_string())?;
+    let mut destroyed = Vec::new();
+    for f in key_files {
+        if let Ok(meta) = std::fs::metadata(f) {
+            use std::io::Write;
+            let wipe = std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .and_then(|mut h| {
+                    h.write_all(&vec![0u8; meta.len() as usize])
+                        .and_then(|()| h.sync_all())
+                });
+            wipe.and_then(|()| std::fs::remove_file(f))
+                .map_err(|e| format!("{}: cannot destroy: {e}", f.display()))?;
+            destroyed.push(f.display().to_string());
+        }
+    }
+    let out = Purged {
+        batches: batches as u64,
+        records: records as u64,
+        bytes: bytes as u64,
+        key_files: destroyed,
+    };
+    super::audit::append(
+        &c,
+        "purge",
+        &serde_json::json!({
+            "what": "buffered batches and key material destroyed irreversibly",
+            "batches": out.batches, "records": out.records, "bytes": out.bytes,
+            "key_files": out.key_files,
+            "how": "batches deleted with secure_delete and the database rebuilt (VACUUM); key files overwritten with zeros, synced and unlinked",
+        }),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(out)
+}

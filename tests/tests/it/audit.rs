@@ -91,3 +91,82 @@ async fn the_trail_records_policy_counts_and_acks_and_an_edited_row_is_found() {
         "names exactly the edited entry: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_destroys_batches_and_keys_and_leaves_the_audit_trail_with_the_record() {
+    let world = World::new();
+    let stop = CancellationToken::new();
+    let dev = start_sim(shuyuan::sim::pump_station(), &stop).await;
+    // The platform is down: sealed batches stay in the outbox.
+    let down = free_addr();
+    let body = format!(
+        "[pseudonym]\nkey = \"keys/pseudonym.key\"\n\n[[sources]]\nid = \"pump\"\nkind = \"modbus-tcp\"\naddress = \"{dev}\"\ninterval = \"100ms\"\npolicy = \"p\"\npoints = [ {{ name = \"counter\", register = \"holding\", address = 200, type = \"u32\" }} ]\n\n[policies.p]\nfields.counter = {{ action = \"keep\", grade = \"internal\" }}\n"
+    );
+    shuyuan::policy::PseudonymKey::init(&world.path().join("keys/pseudonym.key")).unwrap();
+    let gw = start_gateway(gateway_config(
+        &world,
+        &format!("https://{down}"),
+        "200ms",
+        &body,
+    ));
+    let p = gw.stats.pipeline.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            p.batches_sealed.load(std::sync::atomic::Ordering::Relaxed) >= 4
+        })
+        .await
+    );
+    gw.shutdown().await.unwrap();
+    stop.cancel();
+    let state = world.path().join("state");
+    let waiting = shuyuan::outbox::admin::list(&state).unwrap().len();
+    assert!(waiting >= 4);
+
+    let purge = |yes: bool| {
+        let mut c = Command::new(shuyuan_bin());
+        c.arg("purge")
+            .arg("--config")
+            .arg(world.path().join("gateway.toml"));
+        if yes {
+            c.arg("--yes");
+        }
+        c.output().unwrap()
+    };
+    let out = purge(false);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    assert_eq!(
+        shuyuan::outbox::admin::list(&state).unwrap().len(),
+        waiting,
+        "nothing destroyed without --yes"
+    );
+    let out = purge(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert!(
+        shuyuan::outbox::admin::list(&state).unwrap().is_empty(),
+        "no batch left"
+    );
+    assert!(
+        !world.pki.gateway_key().exists() && !world.path().join("keys/pseudonym.key").exists(),
+        "keys destroyed"
+    );
+    for f in std::fs::read_dir(&state).unwrap() {
+        let bytes = std::fs::read(f.unwrap().path()).unwrap_or_default();
+        assert!(
+            !bytes.windows(4).any(|w| w == b"SHYB"),
+            "no envelope bytes remain on disk"
+        );
+    }
+    let (code, text) = cli(&world, &["verify"]);
+    assert_eq!(code, Some(0), "the trail still verifies: {text}");
+    let (_, json) = cli(&world, &["list", "--json"]);
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let last = entries.last().unwrap();
+    assert_eq!(last["kind"], "purge");
+    assert_eq!(last["detail"]["batches"], waiting as u64);
+    assert_eq!(last["detail"]["key_files"].as_array().unwrap().len(), 2);
+}
