@@ -153,6 +153,24 @@ pub async fn run_with(
     let wake = Arc::new(Notify::new());
     let sealed_all = CancellationToken::new();
     let status_outbox = outbox.clone();
+    // Audit retention: at start, then daily.
+    tasks.spawn({
+        let (outbox, keep, stop) = (outbox.clone(), config.audit.keep(), shutdown.clone());
+        async move {
+            let mut daily = tokio::time::interval(Duration::from_secs(86_400));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = daily.tick() => {}
+                }
+                match outbox.prune_audit(keep).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(entries = n, "audit entries past retention removed"),
+                    Err(e) => tracing::warn!("audit retention: {e}"),
+                }
+            }
+        }
+    });
     if let Some(h) = &config.health {
         // The gateway answers with its own certificate (CN and DNS name = gateway id).
         let tls = crate::tls::server_config(&u.ca, &u.cert, &u.key)?;

@@ -40,9 +40,50 @@ pub struct Config {
     pub pseudonym: Option<PseudonymConfig>,
     #[serde(default)]
     pub status: StatusConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The platform's pull endpoint; off when absent.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+}
+
+/// `[audit]`: how long the trail is kept. The regulation asks for processing records for 3
+/// years and network/security records for at least 6 months; values below are refused.
+/// Entries are removed oldest first, so security entries are kept as long as processing ones
+/// (the chain must stay verifiable).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    #[serde(default = "default_keep_processing")]
+    pub keep_processing: HumanDuration,
+    #[serde(default = "default_keep_security")]
+    pub keep_security: HumanDuration,
+}
+
+pub const MIN_KEEP_PROCESSING_DAYS: u64 = 1095;
+pub const MIN_KEEP_SECURITY_DAYS: u64 = 183;
+
+fn default_keep_processing() -> HumanDuration {
+    HumanDuration::secs(MIN_KEEP_PROCESSING_DAYS * 86_400)
+}
+fn default_keep_security() -> HumanDuration {
+    HumanDuration::secs(MIN_KEEP_SECURITY_DAYS * 86_400)
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            keep_processing: default_keep_processing(),
+            keep_security: default_keep_security(),
+        }
+    }
+}
+
+impl AuditConfig {
+    /// How long entries stay: the longer of the two.
+    pub fn keep(&self) -> std::time::Duration {
+        self.keep_processing.0.max(self.keep_security.0)
+    }
 }
 
 /// `[health]`: HTTPS for the platform, mutual TLS, only listed identities.

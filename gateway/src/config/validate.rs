@@ -50,6 +50,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_uplink(config, &mut p);
     check_batch(config, &mut p);
     check_health(config, &mut p);
+    check_audit(config, &mut p);
 
     let key = match &config.pseudonym {
         None => None,
@@ -249,6 +250,30 @@ fn check_uplink(config: &Config, p: &mut Problems) {
         if every.0.as_millis() < 100 {
             p.error(at.key("every"), "every must be at least 100ms");
         }
+    }
+}
+
+fn check_audit(config: &Config, p: &mut Problems) {
+    let at = KeyPath::root().key("audit");
+    let a = &config.audit;
+    let days = |d: &super::HumanDuration| d.0.as_secs() / 86_400;
+    if days(&a.keep_processing) < super::MIN_KEEP_PROCESSING_DAYS {
+        p.error(
+            at.key("keep_processing"),
+            format!(
+                "processing records must be kept at least 3 years: use \"{}d\" or more",
+                super::MIN_KEEP_PROCESSING_DAYS
+            ),
+        );
+    }
+    if days(&a.keep_security) < super::MIN_KEEP_SECURITY_DAYS {
+        p.error(
+            at.key("keep_security"),
+            format!(
+                "network and security records must be kept at least 6 months: use \"{}d\" or more",
+                super::MIN_KEEP_SECURITY_DAYS
+            ),
+        );
     }
 }
 

@@ -37,6 +37,15 @@ fn entry_hash(id: i64, ts_ms: i64, kind: &str, detail: &str, prev: &[u8]) -> Vec
 
 /// Appends one entry (inside the caller's transaction, when there is one).
 pub fn append(c: &Connection, kind: &str, detail: &serde_json::Value) -> rusqlite::Result<()> {
+    append_at(c, crate::timefmt::now_ms(), kind, detail)
+}
+
+fn append_at(
+    c: &Connection,
+    ts: i64,
+    kind: &str,
+    detail: &serde_json::Value,
+) -> rusqlite::Result<()> {
     let last: Option<(i64, Vec<u8>)> = c
         .query_row(
             "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1",
@@ -48,7 +57,6 @@ pub fn append(c: &Connection, kind: &str, detail: &serde_json::Value) -> rusqlit
         Some((id, hash)) => (id + 1, hash),
         None => (1, vec![0u8; 32]),
     };
-    let ts = crate::timefmt::now_ms();
     let detail = detail.to_string();
     let hash = entry_hash(id, ts, kind, &detail, &prev);
     c.execute(
@@ -86,13 +94,40 @@ pub fn list(c: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<En
     rows.collect()
 }
 
+/// Retention: removes the oldest entries, those before `cutoff_ms`, as a prefix of the chain
+/// (so what remains still verifies from its first entry), and records the pruning. Returns
+/// how many were removed.
+pub fn prune(c: &mut Connection, cutoff_ms: i64) -> rusqlite::Result<u64> {
+    let tx = c.transaction()?;
+    let last: Option<i64> = tx.query_row(
+        "SELECT MAX(id) FROM audit WHERE ts_ms < ?1",
+        [cutoff_ms],
+        |r| r.get(0),
+    )?;
+    let Some(last) = last else { return Ok(0) };
+    // Never remove the newest entry: the chain continues from it.
+    let newest: i64 = tx.query_row("SELECT MAX(id) FROM audit", [], |r| r.get(0))?;
+    let upto = last.min(newest - 1);
+    let n = tx.execute("DELETE FROM audit WHERE id <= ?1", [upto])?;
+    if n > 0 {
+        append(
+            &tx,
+            "audit_pruned",
+            &serde_json::json!({ "removed_through_id": upto, "entries": n, "older_than_ms": cutoff_ms }),
+        )?;
+    }
+    tx.commit()?;
+    Ok(n as u64)
+}
+
 /// Checks the whole chain. `Ok(n)`: n entries, all linked. `Err((id, why))`: the first entry
 /// that does not fit.
 pub fn verify(c: &Connection) -> rusqlite::Result<Result<u64, (i64, String)>> {
     let mut stmt =
         c.prepare("SELECT id, ts_ms, kind, detail, prev, hash FROM audit ORDER BY id")?;
     let mut rows = stmt.query([])?;
-    let mut expect_prev = vec![0u8; 32];
+    // After retention the first remaining entry anchors the chain.
+    let mut expect_prev: Option<Vec<u8>> = None;
     let mut expect_id: Option<i64> = None;
     let mut n = 0u64;
     while let Some(r) = rows.next()? {
@@ -107,7 +142,7 @@ pub fn verify(c: &Connection) -> rusqlite::Result<Result<u64, (i64, String)>> {
                 )));
             }
         }
-        if prev != expect_prev {
+        if expect_prev.as_ref().is_some_and(|p| *p != prev) {
             return Ok(Err((id, "it does not link to the entry before it".into())));
         }
         if entry_hash(id, ts, &kind, &detail, &prev) != hash {
@@ -116,7 +151,7 @@ pub fn verify(c: &Connection) -> rusqlite::Result<Result<u64, (i64, String)>> {
                 "its content does not match its hash (it was altered)".into(),
             )));
         }
-        expect_prev = hash;
+        expect_prev = Some(hash);
         expect_id = Some(id + 1);
         n += 1;
     }
@@ -154,5 +189,31 @@ mod tests {
         }
         c.execute("DELETE FROM audit WHERE id = 7", []).unwrap();
         assert_eq!(verify(&c).unwrap().unwrap_err().0, 7);
+    }
+
+    #[test]
+    fn retention_removes_a_prefix_and_the_rest_still_verifies() {
+        let mut c = Connection::open_in_memory().unwrap();
+        c.execute_batch(SCHEMA).unwrap();
+        let day = 86_400_000i64;
+        for i in 0..10 {
+            append_at(
+                &c,
+                i * day,
+                "batch_sealed",
+                &serde_json::json!({ "seq": i }),
+            )
+            .unwrap();
+        }
+        assert_eq!(prune(&mut c, 4 * day).unwrap(), 4);
+        assert_eq!(verify(&c).unwrap(), Ok(7), "6 kept + the pruning record");
+        let first: i64 = c
+            .query_row("SELECT MIN(id) FROM audit", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(first, 5);
+        // Editing the new first entry is still caught.
+        c.execute("UPDATE audit SET detail = '{}' WHERE id = 5", [])
+            .unwrap();
+        assert_eq!(verify(&c).unwrap().unwrap_err().0, 5);
     }
 }

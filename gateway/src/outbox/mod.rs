@@ -252,6 +252,12 @@ impl Outbox {
             .await?
     }
 
+    /// Removes audit entries older than `keep` (a prefix of the chain, recorded).
+    pub async fn prune_audit(&self, keep: std::time::Duration) -> Result<u64, OutboxError> {
+        let cutoff = crate::timefmt::now_ms() - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        Ok(self.db.call(move |c| audit::prune(c, cutoff)).await??)
+    }
+
     /// Audit entries after `after`, oldest first (the health endpoint's `/v1/audit`).
     pub async fn audit_entries(
         &self,

@@ -233,6 +233,26 @@ fn de_identification_rules_are_checked_with_their_lines() {
 }
 
 #[test]
+fn audit_retention_below_the_regulations_minimum_is_refused() {
+    let w = World::new();
+    let text = GOOD.replace(
+        "[[sources]]",
+        "[audit]\nkeep_processing = \"365d\"\n\n[[sources]]",
+    );
+    expect(&w, &text, 13, "at least 3 years");
+    let text = GOOD.replace(
+        "[[sources]]",
+        "[audit]\nkeep_security = \"30d\"\n\n[[sources]]",
+    );
+    expect(&w, &text, 13, "at least 6 months");
+    let ok = GOOD.replace(
+        "[[sources]]",
+        "[audit]\nkeep_processing = \"1500d\"\nkeep_security = \"200d\"\n\n[[sources]]",
+    );
+    assert!(problems(&w, &ok).is_empty());
+}
+
+#[test]
 fn a_world_readable_private_key_is_refused_with_the_fix() {
     use std::os::unix::fs::PermissionsExt;
     let w = World::new();
