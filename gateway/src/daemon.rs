@@ -54,7 +54,10 @@ pub async fn run_with(
     std::fs::create_dir_all(&gw.state_dir)
         .with_context(|| format!("cannot create state_dir {}", gw.state_dir.display()))?;
     let signer = Arc::new(Signer::load(&u.key)?);
-    check_certificate(config, &signer)?;
+    let not_after = check_certificate(config, &signer)?;
+    stats
+        .cert_not_after_ms
+        .store(not_after.saturating_mul(1000), Relaxed);
     let recipient = crate::keys::load_hpke_public(&u.recipient)?;
     let tls = crate::tls::client_config(&u.ca, &u.cert, &u.key)?;
     let endpoint = Endpoint::parse(&u.url).map_err(anyhow::Error::msg)?;
@@ -252,7 +255,8 @@ pub async fn run_with(
 }
 
 /// The client certificate must carry the signing key and name this gateway.
-fn check_certificate(config: &Config, signer: &Signer) -> anyhow::Result<()> {
+/// Returns the certificate's notAfter (Unix seconds).
+fn check_certificate(config: &Config, signer: &Signer) -> anyhow::Result<i64> {
     let u = &config.uplink;
     let certs = crate::tls::load_certs(&u.cert)?;
     let ident = crate::tls::identity(&certs[0])
@@ -272,7 +276,7 @@ fn check_certificate(config: &Config, signer: &Signer) -> anyhow::Result<()> {
             config.gateway.id
         );
     }
-    Ok(())
+    Ok(ident.not_after_unix)
 }
 
 /// The seal stage: numbers, seals and commits each batch, then wakes the uplink.

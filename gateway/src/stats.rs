@@ -82,6 +82,8 @@ impl PipelineStats {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub pipeline: Arc<PipelineStats>,
+    /// The client certificate's notAfter (Unix ms; 0: unknown).
+    pub cert_not_after_ms: AtomicI64,
     pub sources: Mutex<Vec<(Arc<str>, Arc<SourceStats>)>>,
 }
 

@@ -47,6 +47,9 @@ pub struct Snapshot {
     pub fields_dropped: u64,
     pub fields_without_rule: u64,
     pub records_lost: u64,
+    /// Days until the gateway's certificate expires (None: unknown).
+    pub cert_days_left: Option<i64>,
+    pub disk_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +84,17 @@ impl Snapshot {
                 "{} batches refused by the platform are quarantined (shuyuan outbox list)",
                 self.quarantined
             ));
+        }
+        if let Some(d) = self.cert_days_left.filter(|d| *d <= 30) {
+            why.push(if d < 0 {
+                "the gateway's certificate has expired: the platform refuses it; renew it now"
+                    .to_string()
+            } else {
+                format!(
+                    "the gateway's certificate expires in {d} days: renew it{}",
+                    if d <= 7 { " now" } else { "" }
+                )
+            });
         }
         if self.evicted_records > 0 || self.records_lost > 0 {
             why.push(format!(
@@ -148,7 +162,13 @@ pub async fn snapshot(
         fields_deidentified: p.fields_masked.load(Relaxed),
         fields_dropped: p.fields_dropped.load(Relaxed),
         fields_without_rule: p.fields_unlisted.load(Relaxed),
-        records_lost: p.records_lost_uncommitted.load(Relaxed),
+        records_lost: p.records_lost_uncommitted.load(Relaxed)
+            + p.records_not_handed_on.load(Relaxed),
+        cert_days_left: match stats.cert_not_after_ms.load(Relaxed) {
+            0 => None,
+            t => Some((t - now_ms()).div_euclid(86_400_000)),
+        },
+        disk_free_bytes: outbox.free_disk(),
     }
 }
 
@@ -278,6 +298,14 @@ pub fn render(s: &Snapshot, color: bool) -> String {
             .as_ref()
             .map(|e| format!("; last error: {e}"))
             .unwrap_or_default()
+    );
+    o += &format!(
+        "system   certificate {} · disk free {} · clock {}\n",
+        s.cert_days_left
+            .map_or("expiry unknown".into(), |d| format!("{d} days left")),
+        s.disk_free_bytes
+            .map_or("unknown".into(), |b| crate::config::ByteSize(b).to_string()),
+        crate::timefmt::rfc3339_ms(s.now_ms)
     );
     o += &format!(
         "policy   fields kept {}, de-identified {}, dropped by rule {}, without a rule (dropped) {}\n",

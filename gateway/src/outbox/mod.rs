@@ -252,6 +252,11 @@ impl Outbox {
             .await?
     }
 
+    /// Free bytes on the store's file system.
+    pub fn free_disk(&self) -> Option<u64> {
+        free_bytes(&self.dir)
+    }
+
     /// Removes audit entries older than `keep` (a prefix of the chain, recorded).
     pub async fn prune_audit(&self, keep: std::time::Duration) -> Result<u64, OutboxError> {
         let cutoff = crate::timefmt::now_ms() - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);

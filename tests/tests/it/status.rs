@@ -64,6 +64,16 @@ async fn status_reads_ok_then_degraded_from_a_live_daemon_and_down_when_stopped(
         "policy counts are in status: {v}"
     );
     assert!(v["sources"][0]["polls_ok"].as_u64().unwrap() >= 5);
+    let days = v["cert_days_left"].as_i64().unwrap();
+    assert!(
+        (300..=1100).contains(&days),
+        "the dev certificate's days left: {days}"
+    );
+    assert!(v["disk_free_bytes"].as_u64().unwrap() > 0);
+    assert!(
+        text.contains("days left") && text.contains("disk free"),
+        "{text}"
+    );
     assert!(
         !json.contains("WTR-1201-000317") && !text.contains("WTR-1201"),
         "no field value in status"
