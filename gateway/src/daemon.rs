@@ -108,11 +108,18 @@ pub async fn run_with(
             )
         })
         .collect();
+    // The configuration as loaded (paths resolved), so a change shows on the trail.
+    let config_digest: String = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(format!("{config:?}").as_bytes());
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    };
     outbox
         .audit(
             "gateway_started",
             serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
+                "config_digest": config_digest,
                 "sources": config.sources.len(),
                 "policies": policy_versions,
                 "pseudonym_key_id": pseudonym_key_id,

@@ -52,6 +52,14 @@ async fn the_trail_records_policy_counts_and_acks_and_an_edited_row_is_found() {
     let (_, json) = cli(&world, &["list", "--json"]);
     let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
     assert_eq!(entries[0]["kind"], "gateway_started");
+    assert_eq!(
+        entries[0]["detail"]["config_digest"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64,
+        "the configuration's digest is on the trail"
+    );
     let sealed: Vec<&serde_json::Value> = entries
         .iter()
         .filter(|e| e["kind"] == "batch_sealed")
