@@ -39,6 +39,28 @@ async fn health_metrics_and_audit_for_the_allowed_identity_only() {
     assert_eq!(status, 200, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["state"], "OK");
+    // docs/health.schema.json stays true to the code: every documented key is there, every
+    // key there is documented.
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/health.schema.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    for key in schema["required"].as_array().unwrap() {
+        assert!(
+            v.get(key.as_str().unwrap()).is_some(),
+            "documented key {key} missing from /v1/health"
+        );
+    }
+    for key in v.as_object().unwrap().keys() {
+        assert!(
+            schema["properties"].get(key).is_some(),
+            "/v1/health key {key} is not in docs/health.schema.json"
+        );
+    }
     assert_eq!(v["gateway"], GATEWAY_ID);
     assert!(v["sources"][0]["polls_ok"].as_u64().unwrap() >= 5);
 
