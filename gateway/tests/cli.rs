@@ -12,6 +12,25 @@ fn shuyuan() -> Command {
     Command::new(env!("CARGO_BIN_EXE_shuyuan"))
 }
 
+/// `shuyuan policy preview --json` of a policy on a sample, as parsed JSON.
+fn preview_json(cfg: &Path, policy: &str, sample: &Path) -> serde_json::Value {
+    let out = shuyuan()
+        .args([
+            "policy", "preview", "--policy", policy, "--json", "--config",
+        ])
+        .arg(cfg)
+        .arg("--input")
+        .arg(sample)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
@@ -168,32 +187,14 @@ fn policy_preview_shows_what_leaves_for_a_csv_sample_and_as_json() {
     ] {
         assert!(text.contains(want), "{want} missing in:\n{text}");
     }
-    let out = shuyuan()
-        .args([
-            "policy", "preview", "--policy", "customer", "--json", "--config",
-        ])
-        .arg(&cfg)
-        .arg("--input")
-        .arg(&sample)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = preview_json(&cfg, "customer", &sample);
     let fields = v["records"][0]["fields"].as_array().unwrap();
     let id = fields.iter().find(|f| f["name"] == "id_card").unwrap();
     assert_eq!(id["in"], "11010519491231002X");
     assert_eq!(id["out"], "110105************");
     assert_eq!(id["grade"], "sensitive");
     // The pseudonym is the same token on a second run with the same key.
-    let again = shuyuan()
-        .args([
-            "policy", "preview", "--policy", "customer", "--json", "--config",
-        ])
-        .arg(&cfg)
-        .arg("--input")
-        .arg(&sample)
-        .output()
-        .unwrap();
-    let w: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    let w = preview_json(&cfg, "customer", &sample);
     assert_eq!(
         v["records"][0]["fields"][0]["out"],
         w["records"][0]["fields"][0]["out"]
@@ -204,21 +205,11 @@ fn policy_preview_shows_what_leaves_for_a_csv_sample_and_as_json() {
 fn transit_swipes_from_json_lines_lose_names_phones_and_exact_places() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = install_example("transit.toml", dir.path(), "GW-TJ-BUS-0003");
-    let out = shuyuan()
-        .args([
-            "policy", "preview", "--policy", "swipes", "--json", "--config",
-        ])
-        .arg(&cfg)
-        .arg("--input")
-        .arg(repo().join("firmware-config/samples/transit-swipes.jsonl"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = preview_json(
+        &cfg,
+        "swipes",
+        &repo().join("firmware-config/samples/transit-swipes.jsonl"),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let get = |name: &str| {
         v["records"][0]["fields"]
             .as_array()

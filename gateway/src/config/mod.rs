@@ -507,24 +507,31 @@ pub fn load_unchecked(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let locator = Locator::new(&text);
-    let mut config: Config = toml::from_str(&text).map_err(|e| {
-        let at = e
+    let mut config: Config = parse_toml(&text, path, &Locator::new(&text))?;
+    resolve_paths(&mut config, path.parent().unwrap_or(Path::new(".")));
+    Ok(config)
+}
+
+/// Deserialises TOML text, turning a syntax or schema error into `FILE:LINE:COL: message`.
+/// Shared by the gateway's and the receiver's config files.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    locator: &Locator<'_>,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, col) = e
             .span()
             .map(|s| locator.line_col(s.start))
             .unwrap_or((1, 1));
         ConfigError::Invalid {
             problems: vec![format!(
-                "{}:{}:{}: {}",
+                "{}:{line}:{col}: {}",
                 path.display(),
-                at.0,
-                at.1,
                 e.message().trim_end()
             )],
         }
-    })?;
-    resolve_paths(&mut config, path.parent().unwrap_or(Path::new(".")));
-    Ok(config)
+    })
 }
 
 /// Parses and validates config text as if read from `path` (which anchors relative paths
@@ -532,20 +539,7 @@ pub fn load_unchecked(path: &Path) -> Result<Config, ConfigError> {
 pub fn load_str(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
     let shown = path.display().to_string();
     let locator = Locator::new(text);
-    let mut config: Config = toml::from_str(text).map_err(|e| {
-        let at = e
-            .span()
-            .map(|s| locator.line_col(s.start))
-            .unwrap_or((1, 1));
-        ConfigError::Invalid {
-            problems: vec![format!(
-                "{shown}:{}:{}: {}",
-                at.0,
-                at.1,
-                e.message().trim_end()
-            )],
-        }
-    })?;
+    let mut config: Config = parse_toml(text, path, &locator)?;
     let base = path.parent().unwrap_or(Path::new("."));
     resolve_paths(&mut config, base);
     let problems = validate(&config);

@@ -48,11 +48,8 @@ impl ReceiverConfig {
         use anyhow::Context as _;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
-        let loc = crate::config::Locator::new(&text);
-        let mut cfg: Self = toml::from_str(&text).map_err(|e| {
-            let (l, c) = e.span().map(|s| loc.line_col(s.start)).unwrap_or((1, 1));
-            anyhow::anyhow!("{}:{l}:{c}: {}", path.display(), e.message().trim_end())
-        })?;
+        let mut cfg: Self =
+            crate::config::parse_toml(&text, path, &crate::config::Locator::new(&text))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             &mut cfg.client_ca,
