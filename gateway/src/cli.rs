@@ -539,8 +539,17 @@ fn preview(
     let label = source.clone().unwrap_or_else(|| "sample".into());
     let records = match (&input, src) {
         (Some(path), _) => {
-            shuyuan::collect::sample::read(path, &label, limit).map_err(anyhow::Error::msg)?
+            let sample = shuyuan::collect::sample::read(path, src, &label, limit)
+                .map_err(anyhow::Error::msg)?;
+            for b in &sample.bad {
+                eprintln!("row not read: {b}");
+            }
+            sample.records
         }
+        (None, Some(s)) if s.kind == shuyuan::config::SourceKind::File => anyhow::bail!(
+            "source {:?} reads files: give --input with one of its export files",
+            s.id
+        ),
         (None, Some(s)) => {
             let stats = std::sync::Arc::default();
             let m =

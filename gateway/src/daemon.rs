@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::batch::{self, Batch, Limits};
+use crate::collect::file::FileSource;
 use crate::collect::modbus::ModbusTcpSource;
 use crate::config::{Config, SourceKind};
 use crate::keys::{HpkePublicKey, Signer};
@@ -144,6 +145,17 @@ pub async fn run_with(
                     .map_or(resume.source_floor + 1, |v| v + 1);
                 tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next));
             }
+            SourceKind::File => {
+                let id: Arc<str> = Arc::from(s.id.as_str());
+                let src = FileSource::from_config(s, outbox.clone(), stats.source(&id))
+                    .map_err(anyhow::Error::msg)?;
+                let next = resume
+                    .source_seqs
+                    .get(&s.id)
+                    .map_or(resume.source_floor + 1, |v| v + 1);
+                tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next));
+            }
+            SourceKind::ModbusRtu => {}
         }
     }
     drop(rec_tx);

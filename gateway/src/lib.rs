@@ -38,6 +38,7 @@ pub mod policy;
 pub mod receiver;
 pub mod seal;
 pub mod sim;
+pub mod sim_files;
 pub mod stats;
 pub mod status;
 pub mod timefmt;

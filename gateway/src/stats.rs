@@ -16,6 +16,11 @@ pub struct SourceStats {
     /// Polled but not taken by the pipeline in time (it was stalled): lost, and counted.
     pub records_not_handed_on: AtomicU64,
     pub last_ok_ms: AtomicI64,
+    /// File sources: files whose records are all committed, files not taken (header did not
+    /// match), and rows that could not be read (recorded by file and line).
+    pub files_ingested: AtomicU64,
+    pub files_rejected: AtomicU64,
+    pub rows_bad: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 

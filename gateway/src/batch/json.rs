@@ -48,6 +48,7 @@ pub fn write_value(v: &Value, out: &mut Vec<u8>) {
             out.extend_from_slice(ryu::Buffer::new().format_finite(*v).as_bytes())
         }
         Value::Float(_) => out.extend_from_slice(b"null"),
+        Value::Decimal(d) => out.extend_from_slice(d.as_bytes()),
         Value::Text(t) => json_str(t, out),
     }
 }

@@ -2,6 +2,7 @@
 //! down a bounded channel. A source never stops the gateway: a device that fails is
 //! counted, logged by kind and address, and retried.
 
+pub mod file;
 pub mod modbus;
 pub mod points;
 pub mod sample;
@@ -31,6 +32,9 @@ pub enum Value {
     Int(i64),
     UInt(u64),
     Float(f64),
+    /// An exact decimal from an export file (money, readings), as a valid JSON number
+    /// literal such as `-1234.50`: written as it is, never through binary floating point.
+    Decimal(Arc<str>),
     Text(Arc<str>),
 }
 
@@ -42,7 +46,7 @@ impl Value {
             Value::Int(i) => i.to_string(),
             Value::UInt(u) => u.to_string(),
             Value::Float(f) => f.to_string(),
-            Value::Text(t) => t.to_string(),
+            Value::Decimal(t) | Value::Text(t) => t.to_string(),
         }
     }
 }

@@ -265,6 +265,10 @@ pub enum OnFull {
 #[serde(rename_all = "kebab-case")]
 pub enum SourceKind {
     ModbusTcp,
+    /// Modbus RTU on a serial line (RS-485): sources naming the same `port` share one bus.
+    ModbusRtu,
+    /// Export files (CSV or JSON Lines) dropped into a spool directory.
+    File,
 }
 
 /// One data source. Kind-specific keys are optional here and required by validation, so
@@ -295,6 +299,131 @@ pub struct SourceConfig {
     /// Or: the name of a table under `[profiles]` whose points this source reads.
     #[serde(default)]
     pub profile: Option<String>,
+
+    /// modbus-rtu: the serial device, e.g. "/dev/ttyS1" or "/dev/ttyUSB0".
+    #[serde(default)]
+    pub port: Option<String>,
+    /// modbus-rtu line settings (every source on one port must agree): 9600 baud, 8 data
+    /// bits, even parity and 1 stop bit unless set (the Modbus serial line default).
+    #[serde(default)]
+    pub baud: Option<u32>,
+    #[serde(default)]
+    pub parity: Option<Parity>,
+    #[serde(default)]
+    pub stop_bits: Option<u8>,
+    /// modbus-rtu: quiet time kept on the bus before each request; 3.5 character times
+    /// (at least 1.75ms) when not set.
+    #[serde(default)]
+    pub frame_gap: Option<HumanDuration>,
+
+    /// file: the directory the business system exports into.
+    #[serde(default)]
+    pub spool: Option<PathBuf>,
+    /// file: which names to take, e.g. "*.csv" ("*" when not set). Hidden files and names
+    /// ending in .tmp, .part or the marker suffix are never taken.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub format: Option<FileFormat>,
+    #[serde(default)]
+    pub encoding: TextEncoding,
+    /// file (csv): the field separator, "," when not set.
+    #[serde(default)]
+    pub delimiter: Option<char>,
+    /// file: a file is complete when it has not changed for this long ("30s" when not set).
+    #[serde(default)]
+    pub settle: Option<HumanDuration>,
+    /// file: or when a marker file `<name><marker>` exists, e.g. ".done" (then settle is not
+    /// used). The marker goes with the file.
+    #[serde(default)]
+    pub marker: Option<String>,
+    /// file: what happens to a file once its records are committed ("delete" when not set).
+    #[serde(default)]
+    pub after: Option<AfterIngest>,
+    /// file: with after = "move", where ingested files go.
+    #[serde(default)]
+    pub move_to: Option<PathBuf>,
+    /// file: typed columns; columns not listed pass as text (and meet the policy's default
+    /// deny unless it has a rule for them).
+    #[serde(default)]
+    pub columns: Vec<ColumnConfig>,
+    /// file: the column (by its field name) whose timestamp is the record's time; the
+    /// ingest time when not set.
+    #[serde(default)]
+    pub time_column: Option<String>,
+    /// file: the UTC offset of timestamps without one, "+08:00" when not set.
+    #[serde(default)]
+    pub tz: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    Csv,
+    Jsonl,
+}
+
+/// How export files are encoded. `auto`: a BOM decides; else UTF-8 when the text is valid
+/// UTF-8, GB18030 (a superset of GBK) when not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TextEncoding {
+    #[default]
+    Auto,
+    #[serde(alias = "utf8")]
+    Utf8,
+    Gbk,
+    Gb18030,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterIngest {
+    /// Overwritten with zeros, synced, then unlinked (see docs/operations.md for what that
+    /// can and cannot promise on flash).
+    Delete,
+    /// Renamed into `move_to` (kept by the utility, outside the gateway's care).
+    Move,
+}
+
+/// One typed column of an export file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnConfig {
+    /// The field name in records (and in the policy).
+    pub name: String,
+    /// The column's name in the file's header (or the JSON key); `name` when not set.
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(rename = "type", default)]
+    pub column_type: ColumnType,
+    /// timestamp: a chrono format, e.g. "%Y-%m-%d %H:%M:%S" or "%Y%m%d"; common layouts
+    /// are tried when not set.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// An empty cell makes the row bad (quarantined) instead of leaving the field out.
+    #[serde(default)]
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    #[default]
+    String,
+    Integer,
+    /// Exact: the digits are carried as written (no binary floating point).
+    Decimal,
+    Timestamp,
+    Bool,
 }
 
 fn default_unit() -> u8 {
@@ -576,6 +705,11 @@ fn resolve_paths(config: &mut Config, base: &Path) {
     }
     if let Some(s) = &mut config.status.socket {
         *s = base.join(&*s);
+    }
+    for s in &mut config.sources {
+        for p in [&mut s.spool, &mut s.move_to].into_iter().flatten() {
+            *p = base.join(&*p);
+        }
     }
 }
 

@@ -120,8 +120,11 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         if s.timeout.0.is_zero() {
             p.error(at.key("timeout"), "timeout must be more than zero");
         }
+        check_kind_keys(s, &at, &mut p);
         match s.kind {
             SourceKind::ModbusTcp => check_modbus_tcp(config, s, &at, &mut p),
+            SourceKind::ModbusRtu => check_modbus_rtu(config, s, &at, &mut p),
+            SourceKind::File => check_file(s, &at, &mut p),
         }
         let points = config.points_of(s);
         let mut names = BTreeSet::new();
@@ -336,6 +339,80 @@ fn check_modbus_tcp(config: &Config, s: &super::SourceConfig, at: &KeyPath, p: &
             }
         }
     }
+    check_points(config, s, at, p);
+}
+
+/// A key of another kind of source is a mistake worth naming (serde cannot: the keys share
+/// one table).
+fn check_kind_keys(s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
+    let modbus = matches!(s.kind, SourceKind::ModbusTcp | SourceKind::ModbusRtu);
+    let set: [(&str, bool, bool); 20] = [
+        // (key, is set, applies to this kind)
+        (
+            "address",
+            s.address.is_some(),
+            s.kind == SourceKind::ModbusTcp,
+        ),
+        ("points", !s.points.is_empty(), modbus),
+        ("profile", s.profile.is_some(), modbus),
+        ("port", s.port.is_some(), s.kind == SourceKind::ModbusRtu),
+        ("baud", s.baud.is_some(), s.kind == SourceKind::ModbusRtu),
+        (
+            "parity",
+            s.parity.is_some(),
+            s.kind == SourceKind::ModbusRtu,
+        ),
+        (
+            "stop_bits",
+            s.stop_bits.is_some(),
+            s.kind == SourceKind::ModbusRtu,
+        ),
+        (
+            "frame_gap",
+            s.frame_gap.is_some(),
+            s.kind == SourceKind::ModbusRtu,
+        ),
+        ("spool", s.spool.is_some(), s.kind == SourceKind::File),
+        ("pattern", s.pattern.is_some(), s.kind == SourceKind::File),
+        ("format", s.format.is_some(), s.kind == SourceKind::File),
+        (
+            "encoding",
+            s.encoding != super::TextEncoding::Auto,
+            s.kind == SourceKind::File,
+        ),
+        (
+            "delimiter",
+            s.delimiter.is_some(),
+            s.kind == SourceKind::File,
+        ),
+        ("settle", s.settle.is_some(), s.kind == SourceKind::File),
+        ("marker", s.marker.is_some(), s.kind == SourceKind::File),
+        ("after", s.after.is_some(), s.kind == SourceKind::File),
+        ("move_to", s.move_to.is_some(), s.kind == SourceKind::File),
+        ("columns", !s.columns.is_empty(), s.kind == SourceKind::File),
+        (
+            "time_column",
+            s.time_column.is_some(),
+            s.kind == SourceKind::File,
+        ),
+        ("tz", s.tz.is_some(), s.kind == SourceKind::File),
+    ];
+    let kind = match s.kind {
+        SourceKind::ModbusTcp => "modbus-tcp",
+        SourceKind::ModbusRtu => "modbus-rtu",
+        SourceKind::File => "file",
+    };
+    for (key, is_set, applies) in set {
+        if is_set && !applies {
+            p.error(
+                at.key(key),
+                format!("{key} does not apply to a source of kind {kind}: remove it"),
+            );
+        }
+    }
+}
+
+fn check_points(config: &Config, s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
     match &s.profile {
         Some(name) if !s.points.is_empty() => p.error(
             at.key("profile"),
@@ -361,6 +438,123 @@ fn check_modbus_tcp(config: &Config, s: &super::SourceConfig, at: &KeyPath, p: &
             ),
         ),
         None => plan_problems(&s.points, at, p),
+    }
+}
+
+fn check_modbus_rtu(config: &Config, s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
+    match s.port.as_deref() {
+        None | Some("") => p.error(
+            at.key("port"),
+            format!(
+                "source {:?} of kind modbus-rtu needs port = \"/dev/ttyS1\" (the serial device)",
+                s.id
+            ),
+        ),
+        Some(_) => {}
+    }
+    if s.unit == 0 || s.unit > 247 {
+        p.error(
+            at.key("unit"),
+            "unit must be from 1 to 247 on a serial line (0 is broadcast, which has no reply)",
+        );
+    }
+    if let Some(b) = s.baud {
+        if !(300..=921_600).contains(&b) {
+            p.error(at.key("baud"), "baud must be from 300 to 921600");
+        }
+    }
+    if let Some(sb) = s.stop_bits {
+        if !(1..=2).contains(&sb) {
+            p.error(at.key("stop_bits"), "stop_bits must be 1 or 2");
+        }
+    }
+    // Sources on one port share the line: their settings must agree.
+    if let Some(port) = &s.port {
+        let first = config
+            .sources
+            .iter()
+            .find(|o| o.kind == SourceKind::ModbusRtu && o.port.as_ref() == Some(port));
+        if let Some(o) = first.filter(|o| o.id != s.id) {
+            let line = |x: &super::SourceConfig| (x.baud, x.parity, x.stop_bits);
+            if line(o) != line(s) {
+                p.error(
+                    at.key("port"),
+                    format!(
+                        "source {:?} shares port {port:?} with source {:?} but sets baud, parity or stop_bits differently: one bus has one setting",
+                        s.id, o.id
+                    ),
+                );
+            }
+            if o.unit == s.unit {
+                p.error(
+                    at.key("unit"),
+                    format!(
+                        "source {:?} uses unit {} on port {port:?}, as does source {:?}: each device on a bus needs its own unit id",
+                        s.id, s.unit, o.id
+                    ),
+                );
+            }
+        }
+    }
+    check_points(config, s, at, p);
+}
+
+fn check_file(s: &super::SourceConfig, at: &KeyPath, p: &mut Problems) {
+    match &s.spool {
+        None => p.error(
+            at.key("spool"),
+            format!(
+                "source {:?} of kind file needs spool = \"/var/spool/shuyuan/<name>\" (the directory the export lands in)",
+                s.id
+            ),
+        ),
+        Some(dir) if !dir.is_dir() => p.warn(
+            at.key("spool"),
+            format!(
+                "spool directory {} does not exist yet: the source reports an error until it does",
+                dir.display()
+            ),
+        ),
+        Some(_) => {}
+    }
+    if s.pattern.as_deref() == Some("") {
+        p.error(
+            at.key("pattern"),
+            "pattern must not be empty (use \"*\" for every file)",
+        );
+    }
+    if s.marker.as_deref() == Some("") {
+        p.error(
+            at.key("marker"),
+            "marker must be a suffix such as \".done\"",
+        );
+    }
+    if s.marker.is_some() && s.settle.is_some() {
+        p.warn(at.key("settle"), "settle is not used when a marker is set");
+    }
+    match (s.after, &s.move_to) {
+        (Some(super::AfterIngest::Move), None) => p.error(
+            at.key("after"),
+            "after = \"move\" needs move_to = \"<directory>\"",
+        ),
+        (Some(super::AfterIngest::Delete) | None, Some(_)) => p.error(
+            at.key("move_to"),
+            "move_to is used only with after = \"move\"",
+        ),
+        _ => {}
+    }
+    if let (Some(spool), Some(to)) = (&s.spool, &s.move_to) {
+        if spool == to {
+            p.error(
+                at.key("move_to"),
+                "move_to must not be the spool itself (files would be taken again)",
+            );
+        }
+    }
+    if let Err(errs) = crate::collect::file::Layout::from_config(s) {
+        for (key, msg) in errs {
+            p.error(at.key(key), msg);
+        }
     }
 }
 

@@ -202,3 +202,20 @@ pub fn purge(state_dir: &Path, key_files: &[std::path::PathBuf]) -> Result<Purge
     .map_err(|e| e.to_string())?;
     Ok(out)
 }
+
+/// The file ledger, newest first (`shuyuan outbox files`).
+pub fn files(state_dir: &Path, limit: usize) -> Result<Vec<super::files::FileEntry>, String> {
+    let c = open(state_dir, false)?;
+    super::files::list(&c, limit).map_err(|e| e.to_string())
+}
+
+/// Rows of files (whose hash starts with `sha_prefix`) that could not be read:
+/// (sha256, line, reason).
+pub fn file_bad_rows(
+    state_dir: &Path,
+    sha_prefix: &str,
+    limit: usize,
+) -> Result<Vec<(String, u64, String)>, String> {
+    let c = open(state_dir, false)?;
+    super::files::bad_rows(&c, sha_prefix, limit).map_err(|e| e.to_string())
+}

@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod files;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -172,6 +173,7 @@ impl Outbox {
             }
             c.execute_batch(SCHEMA)?;
             c.execute_batch(audit::SCHEMA)?;
+            c.execute_batch(files::SCHEMA)?;
             if floor > 0 {
                 c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?1), ('seq_floor', ?1)", [floor as i64])?;
                 audit::append(

@@ -56,7 +56,7 @@ impl Action {
             Value::Int(i) => Some(*i as f64),
             Value::UInt(u) => Some(*u as f64),
             Value::Float(f) => Some(*f),
-            Value::Text(t) => t.trim().parse::<f64>().ok(),
+            Value::Text(t) | Value::Decimal(t) => t.trim().parse::<f64>().ok(),
             Value::Bool(_) => None,
         };
         let t = |s: String| Some(Value::Text(Arc::from(s)));

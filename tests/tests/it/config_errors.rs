@@ -272,3 +272,45 @@ fn toml_syntax_errors_name_the_line() {
     let w = World::new();
     expect(&w, &edit("[uplink]", "[uplink"), 5, "");
 }
+
+#[test]
+fn file_sources_are_checked_with_their_lines() {
+    let w = World::new();
+    std::fs::create_dir_all(w.path().join("spool")).unwrap();
+    // Lines 25 to 29 after GOOD (line 24 is blank).
+    let file = |extra: &str| {
+        format!(
+            "{GOOD}\n[[sources]]\nid = \"bills\"\nkind = \"file\"\nspool = \"spool\"\npolicy = \"telemetry\"\n{extra}"
+        )
+    };
+    assert!(
+        problems(&w, &file("")).is_empty(),
+        "{:#?}",
+        problems(&w, &file(""))
+    );
+    expect(&w, &file("after = \"move\"\n"), 30, "needs move_to");
+    expect(
+        &w,
+        &file("address = \"127.0.0.1:502\"\n"),
+        30,
+        "address does not apply to a source of kind file",
+    );
+    expect(
+        &w,
+        &file("time_column = \"at\"\n"),
+        30,
+        "time_column \"at\" is not one of the listed columns",
+    );
+    expect(&w, &file("tz = \"Asia/Shanghai\"\n"), 30, "UTC offset");
+    expect(
+        &w,
+        &file("columns = [{ name = \"amount\", type = \"money\" }]\n"),
+        30,
+        "unknown variant `money`",
+    );
+    let p = problems(
+        &w,
+        &file("").replace("spool = \"spool\"", "spool = \"nowhere\""),
+    );
+    assert!(p.is_empty(), "a missing spool is only a warning: {p:#?}");
+}

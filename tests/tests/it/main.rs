@@ -4,6 +4,7 @@ mod audit;
 mod config_errors;
 mod crash;
 mod e2e;
+mod files;
 mod health;
 mod interop;
 mod outbox;
