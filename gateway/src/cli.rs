@@ -155,6 +155,18 @@ enum OutboxCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// The export files that file sources took (newest first): state, records, bad rows;
+    /// with --bad, the rows of one file (hash prefix) that could not be read, by line.
+    Files {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, value_name = "SHA256_PREFIX")]
+        bad: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -550,6 +562,12 @@ fn preview(
             "source {:?} reads files: give --input with one of its export files",
             s.id
         ),
+        (None, Some(s)) if s.kind == shuyuan::config::SourceKind::ModbusRtu => {
+            let rec = runtime()?
+                .block_on(shuyuan::collect::rtu::RtuBus::poll_once(cfg, s))
+                .map_err(anyhow::Error::msg)?;
+            vec![rec]
+        }
         (None, Some(s)) => {
             let stats = std::sync::Arc::default();
             let m =
@@ -619,6 +637,77 @@ fn outbox_command(cmd: OutboxCommand) -> anyhow::Result<ExitCode> {
             }
             let n = admin::drop_batch(&dir(&config)?, seq).map_err(anyhow::Error::msg)?;
             println!("batch {seq} dropped ({n} records), counted as dropped by the operator");
+        }
+        OutboxCommand::Files {
+            config,
+            bad: Some(prefix),
+            limit,
+            json,
+        } => {
+            let rows =
+                admin::file_bad_rows(&dir(&config)?, &prefix, limit).map_err(anyhow::Error::msg)?;
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(sha, line, reason)| serde_json::json!({ "sha256": sha, "line": line, "reason": reason }))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if rows.is_empty() {
+                println!("no unreadable rows recorded for files {prefix}…");
+            } else {
+                for (sha, line, reason) in &rows {
+                    println!("{}  line {line:>8}  {reason}", &sha[..12.min(sha.len())]);
+                }
+            }
+        }
+        OutboxCommand::Files {
+            config,
+            bad: None,
+            limit,
+            json,
+        } => {
+            let files = admin::files(&dir(&config)?, limit).map_err(anyhow::Error::msg)?;
+            if json {
+                let v: Vec<_> = files
+                    .iter()
+                    .map(|f| {
+                        serde_json::json!({
+                            "sha256": f.sha256, "source": f.source, "name": f.name, "bytes": f.bytes,
+                            "state": f.state.name(), "first_seq": f.first_seq, "last_seq": f.last_seq,
+                            "rows_bad": f.rows_bad, "started_ms": f.started_ms, "done_ms": f.done_ms,
+                            "note": f.note,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if files.is_empty() {
+                println!("no export files taken yet");
+            } else {
+                println!(
+                    "{:<12}  {:<16}  {:<10}  {:>9}  {:>8}  {:<24}  file",
+                    "sha256", "source", "state", "records", "bad rows", "started (UTC)"
+                );
+                for f in &files {
+                    let records = f
+                        .last_seq
+                        .map(|l| (l + 1).saturating_sub(f.first_seq).to_string())
+                        .unwrap_or_else(|| "…".into());
+                    println!(
+                        "{:<12}  {:<16}  {:<10}  {:>9}  {:>8}  {:<24}  {}{}",
+                        &f.sha256[..12.min(f.sha256.len())],
+                        f.source,
+                        f.state.name(),
+                        records,
+                        f.rows_bad,
+                        shuyuan::timefmt::rfc3339_ms(f.started_ms),
+                        f.name,
+                        f.note
+                            .as_deref()
+                            .map(|n| format!("  ({n})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::batch::{self, Batch, Limits};
 use crate::collect::file::FileSource;
 use crate::collect::modbus::ModbusTcpSource;
+use crate::collect::rtu::RtuBus;
 use crate::config::{Config, SourceKind};
 use crate::keys::{HpkePublicKey, Signer};
 use crate::outbox::{Outbox, OutboxError, Quota};
@@ -131,6 +132,13 @@ pub async fn run_with(
     let tasks = TaskTracker::new();
     let (rec_tx, rec_rx) = mpsc::channel(RECORD_QUEUE);
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
+    // Each source continues its numbering from what the store holds.
+    let next_seq = |id: &str| {
+        resume
+            .source_seqs
+            .get(id)
+            .map_or(resume.source_floor + 1, |v| v + 1)
+    };
     for s in &config.sources {
         match s.kind {
             SourceKind::ModbusTcp => {
@@ -139,24 +147,20 @@ pub async fn run_with(
                     ModbusTcpSource::from_config(s, config.points_of(s), stats.source(&id))
                         .map_err(anyhow::Error::msg)?;
                 src.pipeline = Some(stats.pipeline.clone());
-                let next = resume
-                    .source_seqs
-                    .get(&s.id)
-                    .map_or(resume.source_floor + 1, |v| v + 1);
-                tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next));
+                tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next_seq(&s.id)));
             }
             SourceKind::File => {
                 let id: Arc<str> = Arc::from(s.id.as_str());
                 let src = FileSource::from_config(s, outbox.clone(), stats.source(&id))
                     .map_err(anyhow::Error::msg)?;
-                let next = resume
-                    .source_seqs
-                    .get(&s.id)
-                    .map_or(resume.source_floor + 1, |v| v + 1);
-                tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next));
+                tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next_seq(&s.id)));
             }
+            // One task per bus, below.
             SourceKind::ModbusRtu => {}
         }
+    }
+    for bus in RtuBus::from_config(config, &stats, next_seq).map_err(anyhow::Error::msg)? {
+        tasks.spawn(bus.run(rec_tx.clone(), shutdown.clone()));
     }
     drop(rec_tx);
     let limits = Limits {

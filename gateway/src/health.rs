@@ -193,6 +193,30 @@ pub fn metrics(s: &Snapshot, security_events: u64) -> String {
         per_source(&|x| x.polls_failed),
     );
     m(
+        "timeouts_total",
+        "counter",
+        "Modbus requests that timed out.",
+        per_source(&|x| x.timeouts),
+    );
+    m(
+        "crc_errors_total",
+        "counter",
+        "Modbus RTU replies with a bad CRC or from another unit.",
+        per_source(&|x| x.crc_errors),
+    );
+    m(
+        "files_ingested_total",
+        "counter",
+        "Export files whose records are all committed.",
+        per_source(&|x| x.files_ingested),
+    );
+    m(
+        "rows_bad_total",
+        "counter",
+        "Export rows that could not be read (recorded by file and line).",
+        per_source(&|x| x.rows_bad),
+    );
+    m(
         "buffer_batches",
         "gauge",
         "Sealed batches waiting in the outbox.",

@@ -189,6 +189,49 @@ pub async fn serve(listener: TcpListener, device: Arc<Device>, shutdown: Cancell
         .await;
 }
 
+/// Answers for the units of one RTU bus; silent (as a real bus is) for any other unit.
+struct BusService {
+    units: Vec<(u8, Arc<Device>)>,
+}
+
+impl tokio_modbus::server::Service for BusService {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = future::Ready<Result<Option<Response>, ExceptionCode>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        future::ready(match self.units.iter().find(|(u, _)| *u == req.slave) {
+            Some((_, d)) => d.serve(req.request).map(Some),
+            None => Ok(None),
+        })
+    }
+}
+
+/// Serves `units` as devices on one Modbus RTU bus at the serial device `port` (a real
+/// RS-485 adapter, or one end of a pseudo-terminal pair) until `shutdown` fires.
+pub async fn serve_rtu(
+    port: &str,
+    baud: u32,
+    parity: tokio_serial::Parity,
+    units: Vec<(u8, Arc<Device>)>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use tokio_serial::SerialPortBuilderExt as _;
+    let serial = tokio_serial::new(port, baud)
+        .parity(parity)
+        .open_native_async()
+        .map_err(std::io::Error::other)?;
+    let server = tokio_modbus::server::rtu::Server::new(serial);
+    server
+        .serve_until(
+            BusService { units },
+            async move { shutdown.cancelled().await },
+        )
+        .await
+        .map(|_| ())
+}
+
 /// The demo's pump station: flow (f32 CDAB at holding 100), energy (i32 at holding 102),
 /// pressure (u16 ×0.1 kPa at input 0), pump running (coil 5), the poll counter (u32 at
 /// holding 200), and a changing serial register that the demo policy does not list.

@@ -11,6 +11,8 @@ pub struct SourceStats {
     pub polls_failed: AtomicU64,
     pub exceptions: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Modbus RTU: replies with a bad CRC or for another unit (noise, wiring, two masters).
+    pub crc_errors: AtomicU64,
     pub connects_failed: AtomicU64,
     pub records: AtomicU64,
     /// Polled but not taken by the pipeline in time (it was stalled): lost, and counted.

@@ -24,6 +24,18 @@ pub struct SourceStatus {
     pub last_ok_ms: i64,
     pub last_error: Option<String>,
     pub records_not_handed_on: u64,
+    /// Modbus: requests that timed out, and RTU replies with a bad CRC.
+    #[serde(default)]
+    pub timeouts: u64,
+    #[serde(default)]
+    pub crc_errors: u64,
+    /// File sources: files fully ingested, files rejected, rows that could not be read.
+    #[serde(default)]
+    pub files_ingested: u64,
+    #[serde(default)]
+    pub files_rejected: u64,
+    #[serde(default)]
+    pub rows_bad: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +84,14 @@ impl Snapshot {
                     s.last_error.as_deref().unwrap_or("no reply")
                 ));
             }
+        }
+        for s in self.sources.iter().filter(|s| s.files_rejected > 0) {
+            why.push(format!(
+                "source {}: {} files rejected (header does not match the columns): {}",
+                s.id,
+                s.files_rejected,
+                s.last_error.as_deref().unwrap_or("see the log")
+            ));
         }
         if self.consecutive_failures >= 3 {
             why.push(format!(
@@ -139,6 +159,11 @@ pub async fn snapshot(
                     last_ok_ms: s.last_ok_ms.load(Relaxed),
                     last_error: s.last_error(),
                     records_not_handed_on: s.records_not_handed_on.load(Relaxed),
+                    timeouts: s.timeouts.load(Relaxed),
+                    crc_errors: s.crc_errors.load(Relaxed),
+                    files_ingested: s.files_ingested.load(Relaxed),
+                    files_rejected: s.files_rejected.load(Relaxed),
+                    rows_bad: s.rows_bad.load(Relaxed),
                 })
                 .collect()
         })
@@ -276,6 +301,18 @@ pub fn render(s: &Snapshot, color: bool) -> String {
                 .map(|e| format!("  last error: {e}"))
                 .unwrap_or_default()
         );
+        if src.timeouts + src.crc_errors > 0 {
+            o += &format!(
+                "  {:<25} timeouts {}, bad CRC {}\n",
+                "", src.timeouts, src.crc_errors
+            );
+        }
+        if src.files_ingested + src.files_rejected + src.rows_bad > 0 {
+            o += &format!(
+                "  {:<25} files {} ingested / {} rejected; {} rows not readable (shuyuan outbox files)\n",
+                "", src.files_ingested, src.files_rejected, src.rows_bad
+            );
+        }
     }
     let pct = if s.buffer_max_bytes > 0 {
         s.buffer_bytes as f64 * 100.0 / s.buffer_max_bytes as f64

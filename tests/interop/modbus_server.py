@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""A Modbus TCP device from another stack (pymodbus), holding known values in several types
-and word orders, for the interop test. Word orders are computed here independently of the
+"""A Modbus device from another stack (pymodbus), holding known values in several types
+and word orders, for the interop tests. Word orders are computed here independently of the
 gateway: ABCD big-endian, CDAB word-swapped, BADC byte-swapped, DCBA little-endian.
 
-Usage: modbus_server.py PORT
+Usage: modbus_server.py PORT                   (Modbus TCP on 127.0.0.1:PORT)
+       modbus_server.py rtu DEVICE BAUD UNIT   (Modbus RTU, 8N1, on a serial device or pty:
+                                                 pyserial cannot set parity on a pty)
 """
 import asyncio
 import struct
@@ -11,7 +13,8 @@ import sys
 
 from pymodbus.datastore import (ModbusDeviceContext, ModbusSequentialDataBlock,
                                 ModbusServerContext)
-from pymodbus.server import StartAsyncTcpServer
+from pymodbus import FramerType
+from pymodbus.server import StartAsyncSerialServer, StartAsyncTcpServer
 
 
 def words(fmt, value, order):
@@ -25,7 +28,6 @@ def words(fmt, value, order):
 
 
 def main():
-    port = int(sys.argv[1])
     hr, ir, co, di = [0] * 300, [0] * 20, [False] * 20, [False] * 20
 
     def put(table, addr, values):
@@ -47,9 +49,16 @@ def main():
         co=ModbusSequentialDataBlock(1, co),
         di=ModbusSequentialDataBlock(1, di),
     )
-    context = ModbusServerContext(devices=device, single=True)
-    print("ready", flush=True)
-    asyncio.run(StartAsyncTcpServer(context, address=("127.0.0.1", port)))
+    if sys.argv[1] == "rtu":
+        device_path, baud, unit = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        context = ModbusServerContext(devices={unit: device}, single=False)
+        print("ready", flush=True)
+        asyncio.run(StartAsyncSerialServer(context, framer=FramerType.RTU, port=device_path,
+                                           baudrate=baud, parity="N", stopbits=1, bytesize=8))
+    else:
+        context = ModbusServerContext(devices=device, single=True)
+        print("ready", flush=True)
+        asyncio.run(StartAsyncTcpServer(context, address=("127.0.0.1", int(sys.argv[1]))))
 
 
 if __name__ == "__main__":

@@ -396,3 +396,37 @@ pub async fn health_get(
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Two connected pseudo-terminals made by socat: what one end writes the other reads, like
+/// two RS-485 adapters on one cable. socat stops when this is dropped.
+pub struct PtyPair {
+    child: std::process::Child,
+    pub a: PathBuf,
+    pub b: PathBuf,
+}
+
+impl Drop for PtyPair {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `socat` with two linked ptys at `<dir>/tty-a` and `<dir>/tty-b`.
+pub async fn pty_pair(dir: &Path) -> PtyPair {
+    let (a, b) = (dir.join("tty-a"), dir.join("tty-b"));
+    let child = std::process::Command::new("socat")
+        .arg(format!("pty,raw,echo=0,link={}", a.display()))
+        .arg(format!("pty,raw,echo=0,link={}", b.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("socat (installed by .ci/run) starts");
+    let pair = PtyPair { child, a, b };
+    let up = wait_until(Duration::from_secs(10), || async {
+        pair.a.exists() && pair.b.exists()
+    })
+    .await;
+    assert!(up, "socat made no pty pair");
+    pair
+}

@@ -5,6 +5,7 @@
 pub mod file;
 pub mod modbus;
 pub mod points;
+pub mod rtu;
 pub mod sample;
 
 use std::sync::Arc;

@@ -48,7 +48,7 @@ pub struct ModbusTcpSource {
 }
 
 /// Why one poll failed, and whether the connection must be dropped.
-enum PollError {
+pub(crate) enum PollError {
     Exception(String),
     Broken(String),
 }
@@ -155,29 +155,16 @@ impl ModbusTcpSource {
                         fields,
                     };
                     next_seq += 1;
-                    // Back-pressure: wait for room, but never longer than one interval, so
-                    // polling goes on while the pipeline is stalled (buffer full under
-                    // on_full = "pause"); what could not be handed on is counted.
                     let limit = if shutdown.is_cancelled() {
                         SEND_GRACE
                     } else {
                         self.interval.max(Duration::from_millis(100))
                     };
-                    match tx.send_timeout(rec, limit).await {
-                        Ok(()) => {}
-                        Err(mpsc::error::SendTimeoutError::Closed(_)) => break,
-                        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                            let n = self.stats.records_not_handed_on.fetch_add(1, Relaxed) + 1;
-                            if let Some(p) = &self.pipeline {
-                                p.records_not_handed_on.fetch_add(1, Relaxed);
-                            }
-                            if n == 1 || n % 100 == 0 {
-                                tracing::warn!(source = %self.id, lost = n, "pipeline is not taking records (buffer full and paused?): records counted as lost");
-                            }
-                            if shutdown.is_cancelled() {
-                                break;
-                            }
-                        }
+                    match hand_on(&tx, rec, limit, &self.stats, self.pipeline.as_deref()).await {
+                        HandOn::Sent => {}
+                        HandOn::Closed => break,
+                        HandOn::Lost if shutdown.is_cancelled() => break,
+                        HandOn::Lost => {}
                     }
                 }
                 Err(PollError::Exception(e)) => self.fail(&e),
@@ -233,10 +220,56 @@ impl ModbusTcpSource {
     }
 
     async fn poll(&self, ctx: &mut Context, data: &mut Vec<ReadData>) -> Result<(), PollError> {
-        for r in self.plan.reads() {
-            data.push(read_once(ctx, r, self.timeout, &self.stats).await?);
+        poll_plan(ctx, &self.plan, self.timeout, &self.stats, data).await
+    }
+}
+
+/// Reads every request of `plan` in turn; the first failure ends the poll.
+pub(crate) async fn poll_plan(
+    ctx: &mut Context,
+    plan: &ReadPlan,
+    limit: Duration,
+    stats: &SourceStats,
+    data: &mut Vec<ReadData>,
+) -> Result<(), PollError> {
+    for r in plan.reads() {
+        data.push(read_once(ctx, r, limit, stats).await?);
+    }
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HandOn {
+    Sent,
+    /// The pipeline did not take it in time: lost, counted (and audited by the seal stage).
+    Lost,
+    /// The pipeline is gone (shutdown).
+    Closed,
+}
+
+/// Hands a polled record on. Back-pressure: waits for room, but never longer than `limit`
+/// (one interval), so polling goes on while the pipeline is stalled (buffer full under
+/// on_full = "pause"); what could not be handed on is counted.
+pub(crate) async fn hand_on(
+    tx: &mpsc::Sender<Record>,
+    rec: Record,
+    limit: Duration,
+    stats: &SourceStats,
+    pipeline: Option<&crate::stats::PipelineStats>,
+) -> HandOn {
+    match tx.send_timeout(rec, limit).await {
+        Ok(()) => HandOn::Sent,
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => HandOn::Closed,
+        Err(mpsc::error::SendTimeoutError::Timeout(r)) => {
+            let n = stats.records_not_handed_on.fetch_add(1, Relaxed) + 1;
+            if let Some(p) = pipeline {
+                p.records_not_handed_on.fetch_add(1, Relaxed);
+            }
+            if n == 1 || n % 100 == 0 {
+                tracing::warn!(source = %r.source, lost = n, "pipeline is not taking records (buffer full and paused?): records counted as lost");
+            }
+            HandOn::Lost
         }
-        Ok(())
     }
 }
 
@@ -258,7 +291,13 @@ async fn read_once(
                         limit.as_millis()
                     )))
                 }
-                Ok(Err(e)) => Err(PollError::Broken(format!("read {}: {e}", what()))),
+                Ok(Err(e)) => {
+                    let e = e.to_string();
+                    if e.contains("CRC") || e.contains("mismatch") {
+                        stats.crc_errors.fetch_add(1, Relaxed);
+                    }
+                    Err(PollError::Broken(format!("read {}: {e}", what())))
+                }
                 Ok(Ok(Err(code))) => {
                     stats.exceptions.fetch_add(1, Relaxed);
                     Err(PollError::Exception(format!(

@@ -314,3 +314,34 @@ fn file_sources_are_checked_with_their_lines() {
     );
     assert!(p.is_empty(), "a missing spool is only a warning: {p:#?}");
 }
+
+#[test]
+fn rtu_sources_on_one_port_must_agree_and_have_their_own_units() {
+    let w = World::new();
+    let rtu = |id: &str, unit: u8, baud: u32| {
+        format!(
+            "\n[[sources]]\nid = \"{id}\"\nkind = \"modbus-rtu\"\nport = \"/dev/ttyS1\"\nbaud = {baud}\nunit = {unit}\npolicy = \"telemetry\"\npoints = [{{ name = \"flow\", register = \"holding\", address = 0, type = \"f32\" }}]\n"
+        )
+    };
+    let ok = format!("{GOOD}{}{}", rtu("m1", 1, 9600), rtu("m2", 2, 9600));
+    assert!(problems(&w, &ok).is_empty(), "{:#?}", problems(&w, &ok));
+    // GOOD ends at line 23; the first RTU source takes lines 25-32, the second 34-41.
+    expect(
+        &w,
+        &format!("{GOOD}{}{}", rtu("m1", 1, 9600), rtu("m2", 2, 19200)),
+        37,
+        "shares port \"/dev/ttyS1\" with source \"m1\"",
+    );
+    expect(
+        &w,
+        &format!("{GOOD}{}{}", rtu("m1", 1, 9600), rtu("m2", 1, 9600)),
+        39,
+        "each device on a bus needs its own unit id",
+    );
+    expect(
+        &w,
+        &format!("{GOOD}{}", rtu("m1", 0, 9600)),
+        30,
+        "unit must be from 1 to 247",
+    );
+}

@@ -138,6 +138,15 @@ async fn gbk_export_is_delivered_once_bad_rows_recorded_and_the_file_destroyed()
         }
     }
 
+    // The file goes first, then its entry on the trail.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            audit_kinds(&world)
+                .iter()
+                .any(|(k, _)| k == "file_disposed")
+        })
+        .await
+    );
     let audit = audit_kinds(&world);
     let ingested = audit
         .iter()
@@ -258,10 +267,14 @@ fields.card = { action = "mask", keep_tail = 2, grade = "personal" }
         recs[3]["fields"].get("line").is_none(),
         "unlisted: default deny"
     );
-    let audit = audit_kinds(&world);
-    assert!(audit
-        .iter()
-        .any(|(k, d)| k == "file_disposed" && d["note"].as_str().unwrap().contains("moved to")));
+    // The move happens first, then its entry on the trail.
+    let moved_on_trail = wait_until(Duration::from_secs(10), || async {
+        audit_kinds(&world)
+            .iter()
+            .any(|(k, d)| k == "file_disposed" && d["note"].as_str().unwrap().contains("moved to"))
+    })
+    .await;
+    assert!(moved_on_trail, "the move is on the trail");
     gw.shutdown().await.unwrap();
     rx.shutdown().await;
 }

@@ -71,38 +71,14 @@ fn python_reader_opens_a_fresh_envelope_signed_with_a_gateway_certificate_key() 
     assert!(text.contains("50 records"), "{text}");
 }
 
-/// A pymodbus device answers the gateway's reads; the receiver gets exactly its values.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn values_from_a_pymodbus_device_arrive_exactly() {
-    use shuyuan_tests::*;
-    use std::sync::atomic::Ordering::Relaxed;
-    use std::time::Duration;
-
-    let world = World::new();
-    let port = free_addr().port();
-    let mut server = std::process::Command::new(python())
-        .arg(repo().join("tests/interop/modbus_server.py"))
-        .arg(port.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let up = wait_until(Duration::from_secs(20), || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
-    assert!(up, "pymodbus server did not start");
-    let rx = start_receiver(&world, None).await;
-    let body = format!(
+/// The known values' points (kind-specific lines come first) and a policy keeping them.
+fn known_points(source: &str) -> String {
+    format!(
         r#"
 [[sources]]
 id = "pymodbus"
-kind = "modbus-tcp"
-address = "127.0.0.1:{port}"
-interval = "200ms"
 policy = "all"
+{source}
 points = [
   {{ name = "flow", register = "holding", address = 100, type = "f32", order = "CDAB" }},
   {{ name = "energy", register = "holding", address = 102, type = "i32" }},
@@ -126,8 +102,19 @@ fields.running = {{ action = "keep", grade = "internal" }}
 fields.door = {{ action = "keep", grade = "internal" }}
 fields.spare = {{ action = "keep", grade = "internal" }}
 "#
-    );
-    let gw = start_gateway(gateway_config(&world, &rx.url(), "300ms", &body));
+    )
+}
+
+/// Runs a gateway with `body` until 5 records arrive, then asserts every record holds
+/// exactly the values modbus_server.py put in.
+async fn assert_known_values_arrive(body: &str, mut server: std::process::Child) {
+    use shuyuan_tests::*;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+
+    let world = World::new();
+    let rx = start_receiver(&world, None).await;
+    let gw = start_gateway(gateway_config(&world, &rx.url(), "300ms", body));
     let got = wait_until(Duration::from_secs(30), || async {
         rx.records(GATEWAY_ID).len() >= 5
     })
@@ -156,4 +143,60 @@ fields.spare = {{ action = "keep", grade = "internal" }}
         );
     }
     rx.shutdown().await;
+}
+
+/// A pymodbus device answers the gateway's reads over TCP; the receiver gets exactly its
+/// values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_from_a_pymodbus_device_arrive_exactly() {
+    use shuyuan_tests::*;
+    use std::time::Duration;
+
+    let port = free_addr().port();
+    let server = std::process::Command::new(python())
+        .arg(repo().join("tests/interop/modbus_server.py"))
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = wait_until(Duration::from_secs(20), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(up, "pymodbus server did not start");
+    let source =
+        format!("kind = \"modbus-tcp\"\naddress = \"127.0.0.1:{port}\"\ninterval = \"200ms\"");
+    assert_known_values_arrive(&known_points(&source), server).await;
+}
+
+/// The same device as a pymodbus RTU server at unit 5 on one end of a pty pair (8N1 at
+/// 19200 baud: pyserial cannot set parity on a pty); the gateway polls it on the other end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_from_a_pymodbus_rtu_device_arrive_exactly() {
+    use shuyuan_tests::*;
+    use std::io::BufRead as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pty = pty_pair(dir.path()).await;
+    let mut server = std::process::Command::new(python())
+        .arg(repo().join("tests/interop/modbus_server.py"))
+        .args(["rtu", pty.a.to_str().unwrap(), "19200", "5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let source = format!(
+        "kind = \"modbus-rtu\"\nport = \"{}\"\nbaud = 19200\nparity = \"none\"\nunit = 5\ninterval = \"200ms\"\ntimeout = \"500ms\"",
+        pty.b.display()
+    );
+    assert_known_values_arrive(&known_points(&source), server).await;
+    drop(pty);
 }

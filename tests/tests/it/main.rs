@@ -9,5 +9,6 @@ mod health;
 mod interop;
 mod outbox;
 mod receiver;
+mod rtu;
 mod schedule;
 mod status;
