@@ -1,5 +1,6 @@
 //! `shuyuan demo`: the whole path in one process, on loopback only: a simulated pump station
-//! (a real Modbus TCP server), a dev PKI made on the fly, the reference receiver, and the
+//! (a real Modbus TCP server), a billing system's GBK customer export dropped into a spool
+//! directory, a dev PKI made on the fly, the reference receiver, the health endpoint, and the
 //! gateway pipeline reading the same kind of config file a utility writes.
 
 use std::io::{IsTerminal, Write};
@@ -21,10 +22,14 @@ pub struct DemoOptions {
     pub dir: Option<PathBuf>,
 }
 
+/// Rows in the demo's customer export.
+pub const DEMO_EXPORT_ROWS: u64 = 2000;
+
 /// The demo gateway's config: the same schema as firmware-config/water.toml.
-pub fn gateway_toml(modbus: &str, url: &str) -> String {
+pub fn gateway_toml(modbus: &str, url: &str, health: &str) -> String {
     format!(
-        r#"# Written by `shuyuan demo`: a pump station polled every 500 ms.
+        r#"# Written by `shuyuan demo`: a pump station polled every 500 ms, and the billing
+# system's customer export (GBK CSV) taken from spool/.
 [gateway]
 id = "{DEMO_GATEWAY}"
 state_dir = "state"
@@ -41,6 +46,21 @@ backoff_max = "5s"
 [batch]
 max_records = 500
 max_age = "2s"
+
+# The platform's pull endpoint (client certificate CN platform-health from the dev CA).
+[health]
+listen = "{health}"
+allow = ["platform-health"]
+
+[[sources]]
+id = "billing-export"
+kind = "file"
+spool = "spool"
+pattern = "*.csv"
+encoding = "gbk"
+settle = "1s"
+policy = "customer"
+{columns}
 
 [[sources]]
 id = "pump-station-3"
@@ -69,7 +89,20 @@ fields.station = {{ action = "keep", grade = "public" }}
 fields.meter_id = {{ action = "mask", keep_head = 4, keep_tail = 2, grade = "personal" }}
 fields.duty_phone = {{ action = "mask", keep_head = 3, keep_tail = 4, grade = "personal" }}
 # device_serial has no rule: default deny drops it.
-"#
+
+[policies.customer]
+fields.account_no = {{ action = "mask", keep_head = 2, keep_tail = 2, grade = "personal" }}
+fields.customer_name = {{ action = "mask", keep_head = 1, grade = "personal" }}
+fields.id_card = {{ action = "drop", grade = "sensitive" }}
+fields.phone = {{ action = "mask", keep_head = 3, keep_tail = 4, grade = "personal" }}
+fields.address = {{ action = "generalize", level = "district", grade = "personal" }}
+fields.meter_id = {{ action = "mask", keep_head = 4, keep_tail = 2, grade = "personal" }}
+fields.bill_month = {{ action = "generalize", level = "month", grade = "internal" }}
+fields.usage_m3 = {{ action = "round", decimals = 0, grade = "internal" }}
+fields.amount_yuan = {{ action = "keep", grade = "internal" }}
+fields.remark = {{ action = "scrub", grade = "personal" }}
+"#,
+        columns = crate::sim_files::BILLING_COLUMNS_TOML
     )
 }
 
@@ -126,10 +159,28 @@ pub async fn run(opts: DemoOptions, interrupt: CancellationToken) -> anyhow::Res
     let rtask = tokio::spawn(receiver.serve(stop_all.clone()));
     println!("  receiver        https://{raddr}/v1/batches (mutual TLS)");
 
+    // The billing system's nightly export, as it writes it: GBK, Chinese header.
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(&spool)?;
+    let export = crate::sim_files::billing_export(0, DEMO_EXPORT_ROWS);
+    crate::sim_files::write_export(
+        &spool.join("customers-202610.csv"),
+        &encoding_rs::GBK.encode(&export).0,
+    )?;
+    println!(
+        "  billing export  spool/customers-202610.csv ({DEMO_EXPORT_ROWS} customers, GBK, ID and phone numbers)"
+    );
+    let health = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    println!("  health          https://{health}/v1/health (mutual TLS: certs/health-client.pem, CN platform-health)");
+
     let cfg_path = dir.join("gateway.toml");
     std::fs::write(
         &cfg_path,
-        gateway_toml(&sim_addrs[0].to_string(), &format!("https://{raddr}")),
+        gateway_toml(
+            &sim_addrs[0].to_string(),
+            &format!("https://{raddr}"),
+            &health.to_string(),
+        ),
     )?;
     let loaded = crate::config::load(&cfg_path)?;
     for w in &loaded.warnings {
@@ -225,7 +276,22 @@ fn show_records(dir: &Path) -> anyhow::Result<()> {
         lines.extend(text.lines().map(str::to_owned));
     }
     println!("\nfirst records as the platform sees them (meter_id and duty_phone masked, device_serial dropped):");
-    for l in lines.iter().take(3) {
+    for l in lines
+        .iter()
+        .filter(|l| l.contains("pump-station-3"))
+        .take(3)
+    {
+        println!("  {l}");
+    }
+    let billing: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("billing-export"))
+        .collect();
+    println!(
+        "\ncustomer records from the export: {} (ID number dropped; name, phone, account and meter masked; address to the district; remark scrubbed):",
+        billing.len()
+    );
+    for l in billing.iter().take(2) {
         println!("  {l}");
     }
     let counters: Vec<u64> = lines

@@ -8,6 +8,7 @@ mod files;
 mod health;
 mod interop;
 mod outbox;
+mod privacy;
 mod receiver;
 mod rtu;
 mod schedule;
