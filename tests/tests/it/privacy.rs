@@ -13,6 +13,9 @@ use shuyuan::demo::{DEMO_EXPORT_ROWS, DEMO_GATEWAY};
 use shuyuan::sim_files::{billing_row, mobile, resident_id};
 use shuyuan_tests::*;
 
+/// Raw values sharing their first three bytes: their lengths, and the values.
+type Candidates = (BTreeSet<usize>, HashSet<Vec<u8>>);
+
 fn all_files(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();
@@ -122,7 +125,7 @@ async fn no_raw_value_in_logs_status_health_or_state_files() {
     }
     raw.push("13812345678".into());
     // Indexed by their first three bytes, so each file is scanned once.
-    let mut index: HashMap<[u8; 3], (BTreeSet<usize>, HashSet<Vec<u8>>)> = HashMap::new();
+    let mut index: HashMap<[u8; 3], Candidates> = HashMap::new();
     for value in &raw {
         for form in [
             value.as_bytes().to_vec(),
