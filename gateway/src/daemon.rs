@@ -129,6 +129,8 @@ pub async fn run_with(
         )
         .await?;
 
+    audit_certificate(config, &outbox, not_after).await;
+
     let tasks = TaskTracker::new();
     let (rec_tx, rec_rx) = mpsc::channel(RECORD_QUEUE);
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
@@ -194,6 +196,7 @@ pub async fn run_with(
                     Ok(n) => tracing::info!(entries = n, "audit entries past retention removed"),
                     Err(e) => tracing::warn!("audit retention: {e}"),
                 }
+                audit_expiry(&outbox, not_after).await;
             }
         }
     });
@@ -275,6 +278,61 @@ pub async fn run_with(
         tracing::warn!("the store did not close in time");
     }
     Ok(())
+}
+
+/// Days within which a certificate's coming expiry is put on the trail (daily) and shown.
+pub const CERT_WARN_DAYS: i64 = 30;
+
+/// A certificate not seen at the last start is put on the audit trail as installed.
+async fn audit_certificate(config: &Config, outbox: &Outbox, not_after: i64) {
+    let Ok(certs) = crate::tls::load_certs(&config.uplink.cert) else {
+        return;
+    };
+    let fingerprint: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(certs[0].as_ref())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let last = outbox
+        .audit_last("certificate_installed")
+        .await
+        .ok()
+        .flatten();
+    if last.as_ref().and_then(|d| d["sha256"].as_str()) != Some(fingerprint.as_str()) {
+        let _ = outbox
+            .audit(
+                "certificate_installed",
+                serde_json::json!({
+                    "sha256": fingerprint,
+                    "cn": config.gateway.id,
+                    "not_after": crate::timefmt::rfc3339_ms(not_after.saturating_mul(1000)),
+                    "path": config.uplink.cert.display().to_string(),
+                }),
+            )
+            .await;
+    }
+}
+
+/// Within [`CERT_WARN_DAYS`] of expiry, says so on the trail (called at start and daily).
+async fn audit_expiry(outbox: &Outbox, not_after: i64) {
+    let days = (not_after - crate::timefmt::now_ms() / 1000).div_euclid(86_400);
+    if days <= CERT_WARN_DAYS {
+        tracing::warn!(
+            days_left = days,
+            "the gateway's certificate expires soon: renew it"
+        );
+        let _ = outbox
+            .audit(
+                "certificate_near_expiry",
+                serde_json::json!({
+                    "days_left": days,
+                    "not_after": crate::timefmt::rfc3339_ms(not_after.saturating_mul(1000)),
+                }),
+            )
+            .await;
+    }
 }
 
 /// The client certificate must carry the signing key and name this gateway.
@@ -446,5 +504,35 @@ impl Sealer {
             records = b.records,
             "batch not committed, records lost (counted)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_certificate_near_expiry_goes_on_the_trail() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = Quota {
+            max_bytes: 1 << 20,
+            on_full: crate::config::OnFull::DropOldest,
+            min_free_disk: 0,
+        };
+        let (outbox, _, _t) = Outbox::open(dir.path(), quota).unwrap();
+        let now = crate::timefmt::now_ms() / 1000;
+        audit_expiry(&outbox, now + 90 * 86_400).await;
+        assert!(outbox
+            .audit_last("certificate_near_expiry")
+            .await
+            .unwrap()
+            .is_none());
+        audit_expiry(&outbox, now + 12 * 86_400 + 60).await;
+        let d = outbox
+            .audit_last("certificate_near_expiry")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d["days_left"], 12);
     }
 }

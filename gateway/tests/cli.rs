@@ -283,3 +283,56 @@ fn policy_preview_polls_a_live_simulated_device() {
     assert_eq!(get("meter_id")["out"], "WTR-*********17");
     assert!(get("door_open")["out"].is_null(), "dropped by rule");
 }
+
+#[test]
+fn preview_of_a_file_source_reads_its_sample_with_the_sources_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = install_example("water.toml", dir.path(), "GW-TJ-WATER-0001");
+    let out = shuyuan()
+        .args([
+            "policy",
+            "preview",
+            "--source",
+            "billing-export",
+            "--json",
+            "--config",
+        ])
+        .arg(&cfg)
+        .arg("--input")
+        .arg(repo().join("firmware-config/samples/water-billing.csv"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let field = |name: &str| {
+        v["records"][0]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    // Typed by the source's columns: the decimal as written, the date with its offset.
+    assert_eq!(field("amount_yuan")["in"], "49.84");
+    assert_eq!(field("bill_month")["in"], "2026-10-31T00:00:00+08:00");
+    assert_eq!(field("bill_month")["out"], "2026-10");
+    // Without --input, a file source says what it needs.
+    let out = shuyuan()
+        .args([
+            "policy",
+            "preview",
+            "--source",
+            "billing-export",
+            "--config",
+        ])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reads files: give --input"));
+}

@@ -94,6 +94,19 @@ pub fn list(c: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<En
     rows.collect()
 }
 
+/// The detail of the newest entry of `kind`, if any.
+pub fn last_of(c: &Connection, kind: &str) -> rusqlite::Result<Option<serde_json::Value>> {
+    use rusqlite::OptionalExtension;
+    let detail: Option<String> = c
+        .query_row(
+            "SELECT detail FROM audit WHERE kind = ?1 ORDER BY id DESC LIMIT 1",
+            [kind],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(detail.and_then(|d| serde_json::from_str(&d).ok()))
+}
+
 /// Retention: removes the oldest entries, those before `cutoff_ms`, as a prefix of the chain
 /// (so what remains still verifies from its first entry), and records the pruning. Returns
 /// how many were removed.

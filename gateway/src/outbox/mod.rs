@@ -289,6 +289,14 @@ impl Outbox {
         Ok(())
     }
 
+    /// The detail of the newest audit entry of `kind`.
+    pub async fn audit_last(
+        &self,
+        kind: &'static str,
+    ) -> Result<Option<serde_json::Value>, OutboxError> {
+        Ok(self.db.call(move |c| audit::last_of(c, kind)).await??)
+    }
+
     /// The oldest pending batch with a sequence above `after`.
     pub async fn next_pending(&self, after: Option<u64>) -> Result<Option<Stored>, OutboxError> {
         let after = after.map_or(-1, |a| a as i64);

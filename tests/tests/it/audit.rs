@@ -44,6 +44,9 @@ async fn the_trail_records_policy_counts_and_acks_and_an_edited_row_is_found() {
         .await
     );
     gw.shutdown().await.unwrap();
+    // A second start with the same certificate does not record it again.
+    let cfg = edit_gateway_config(&world, |t| t);
+    start_gateway(cfg).shutdown().await.unwrap();
     stop.cancel();
     rx.shutdown().await;
 
@@ -52,6 +55,13 @@ async fn the_trail_records_policy_counts_and_acks_and_an_edited_row_is_found() {
     let (_, json) = cli(&world, &["list", "--json"]);
     let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
     assert_eq!(entries[0]["kind"], "gateway_started");
+    let installed: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "certificate_installed")
+        .collect();
+    assert_eq!(installed.len(), 1, "the certificate is recorded once");
+    assert_eq!(installed[0]["detail"]["cn"], GATEWAY_ID);
+    assert_eq!(installed[0]["detail"]["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(
         entries[0]["detail"]["config_digest"]
             .as_str()

@@ -141,6 +141,12 @@ async fn health_metrics_and_audit_for_the_allowed_identity_only() {
     )
     .await;
     assert!(!matches!(r, Ok((200, _))), "{r:?}");
+    // No client certificate at all: refused at the handshake.
+    let refused = no_client_cert_get(haddr, &p.ca()).await;
+    assert!(
+        refused.is_err(),
+        "answered without a client certificate: {refused:?}"
+    );
 
     let (_, text) = health_get(
         haddr,
@@ -154,7 +160,7 @@ async fn health_metrics_and_audit_for_the_allowed_identity_only() {
     .unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert!(
-        v["security_events"].as_u64().unwrap() >= 2,
+        v["security_events"].as_u64().unwrap() >= 3,
         "refusals counted: {v}"
     );
     gw.shutdown().await.unwrap();
@@ -165,9 +171,48 @@ async fn health_metrics_and_audit_for_the_allowed_identity_only() {
             .iter()
             .filter(|e| e.kind == "security_refused")
             .count()
-            >= 2,
+            >= 3,
         "refusals on the audit trail"
     );
     stop.cancel();
     rx.shutdown().await;
+}
+
+/// A TLS client that trusts the gateway but offers no certificate: the handshake, and then
+/// an HTTP request, must fail.
+async fn no_client_cert_get(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> Result<u16, String> {
+    use http_body_util::Empty;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in shuyuan::tls::load_certs(ca).map_err(|e| e.to_string())? {
+        roots.add(c).map_err(|e| e.to_string())?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(GATEWAY_ID.to_string())
+        .map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/v1/health")
+        .header(hyper::header::HOST, GATEWAY_ID)
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
 }

@@ -39,6 +39,8 @@ use crate::outbox::Outbox;
 use crate::stats::SourceStats;
 use crate::timefmt::now_ms;
 
+/// Records are handed on in chunks of this many.
+const SEND_CHUNK: usize = 256;
 /// Bad rows are written to the ledger in groups of this many.
 const BAD_ROWS_FLUSH: usize = 256;
 const DEFAULT_SETTLE: Duration = Duration::from_secs(30);
@@ -514,6 +516,7 @@ impl ReadJob {
         );
         let mut seq = self.first_seq;
         let mut bad: Vec<(u64, String)> = Vec::new();
+        let mut out: Vec<Record> = Vec::with_capacity(SEND_CHUNK);
         let name = file_name(&self.path);
         let flush = |bad: &mut Vec<(u64, String)>| {
             if bad.is_empty() {
@@ -551,18 +554,16 @@ impl ReadJob {
                     if this < self.from {
                         continue;
                     }
-                    let rec = Record {
+                    out.push(Record {
                         source: self.source.clone(),
                         ts_ms: ts_ms.unwrap_or_else(now_ms),
                         seq: this,
                         fields,
-                    };
-                    // Waits while the pipeline is full: the file holds the rest.
-                    if self.tx.blocking_send(rec).is_err() {
+                    });
+                    if out.len() >= SEND_CHUNK && !self.send(&mut out) {
                         flush(&mut bad);
                         return Read::Stopped;
                     }
-                    self.stats.records.fetch_add(1, Relaxed);
                 }
                 Row::Bad { line, reason } => {
                     self.stats.rows_bad.fetch_add(1, Relaxed);
@@ -575,7 +576,28 @@ impl ReadJob {
             }
         }
         flush(&mut bad);
+        if !self.send(&mut out) {
+            return Read::Stopped;
+        }
         Read::Done { last_seq: seq - 1 }
+    }
+
+    /// Hands on the records in `out`, waiting while the pipeline is full (the file holds
+    /// the rest). Room for the whole chunk is reserved at once: a wake per record would cost
+    /// more than the record. False when the pipeline has closed.
+    fn send(&self, out: &mut Vec<Record>) -> bool {
+        if out.is_empty() {
+            return true;
+        }
+        let Ok(permits) = self.rt.block_on(self.tx.reserve_many(out.len())) else {
+            return false;
+        };
+        let n = out.len() as u64;
+        for (permit, rec) in permits.zip(out.drain(..)) {
+            permit.send(rec);
+        }
+        self.stats.records.fetch_add(n, Relaxed);
+        true
     }
 }
 
