@@ -274,8 +274,10 @@ pub fn main() -> ExitCode {
 fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHUYUAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour only on a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -347,7 +349,56 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                         p.notify_one();
                     }
                 });
-                shuyuan::daemon::run_with(&loaded.config, stop, Default::default(), push).await
+                let mut hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                        .context("cannot watch SIGHUP")?;
+                let notifier = shuyuan::notify::Notifier::from_env();
+                let mut current = loaded.config;
+                // SIGHUP: a new configuration (and certificates and keys) is checked first; a bad
+                // one is reported and the running one kept. A good one replaces it the way a
+                // stop does, without the exit: the open batch is sealed and committed, and the
+                // new run continues from the store (buffered batches stay where they are).
+                loop {
+                    let run_stop = stop.child_token();
+                    let mut run = tokio::spawn({
+                        let (cfg, run_stop, push) = (current.clone(), run_stop.clone(), push.clone());
+                        async move {
+                            shuyuan::daemon::run_with(&cfg, run_stop, Default::default(), push).await
+                        }
+                    });
+                    let next = loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break None,
+                            // The run ended by itself: a start-up error, which ends the process.
+                            r = &mut run => return r.context("gateway task")?,
+                            _ = hup.recv() => {}
+                        }
+                        tracing::info!(config = %config.display(), "SIGHUP: reloading the configuration");
+                        match config::load(&config) {
+                            Ok(l) => {
+                                for w in &l.warnings {
+                                    tracing::warn!("{w}");
+                                }
+                                break Some(l.config);
+                            }
+                            Err(e) => tracing::error!(
+                                "the new configuration is not valid; the running one stays:\n{e}"
+                            ),
+                        }
+                    };
+                    if next.is_none() {
+                        notifier.stopping();
+                    } else {
+                        notifier.reloading();
+                    }
+                    run_stop.cancel();
+                    run.await.context("gateway task")??;
+                    match next {
+                        Some(c) => current = c,
+                        None => break,
+                    }
+                }
+                anyhow::Ok(())
             });
             let _ = std::fs::remove_file(&pid_file);
             outcome?;

@@ -181,6 +181,7 @@ pub async fn run_with(
     let wake = Arc::new(Notify::new());
     let sealed_all = CancellationToken::new();
     let status_outbox = outbox.clone();
+    let watchdog_outbox = outbox.clone();
     // Audit retention: at start, then daily.
     tasks.spawn({
         let (outbox, keep, stop) = (outbox.clone(), config.audit.keep(), shutdown.clone());
@@ -255,8 +256,32 @@ pub async fn run_with(
         config.buffer.max_bytes.0,
         shutdown.clone(),
     ));
+    // systemd: ready once the store is open and the sources started; then WATCHDOG=1 for as
+    // long as the store's thread answers, so a hung pipeline gets restarted.
+    let notifier = Arc::new(crate::notify::Notifier::from_env());
+    if let Some(every) = notifier.watchdog_interval() {
+        let (notifier, outbox, stop) = (notifier.clone(), watchdog_outbox, shutdown.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                match tokio::time::timeout(every, outbox.depth()).await {
+                    Ok(Ok(_)) => notifier.watchdog(),
+                    _ => tracing::error!("the store did not answer: no watchdog ping"),
+                }
+            }
+        });
+    }
     tasks.close();
     tracing::info!(gateway = %gw.id, sources = config.sources.len(), "gateway running");
+    notifier.ready(&format!(
+        "{} sources, {} batches pending",
+        config.sources.len(),
+        resume.pending
+    ));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: sealing the open batch");

@@ -32,6 +32,7 @@ pub mod demo;
 pub mod health;
 pub mod keys;
 pub mod mtls_server;
+pub mod notify;
 pub mod outbox;
 pub mod pki;
 pub mod policy;

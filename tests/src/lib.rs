@@ -216,6 +216,15 @@ pub fn shuyuan_bin() -> PathBuf {
 
 /// Starts `shuyuan run --config <world>/gateway.toml` as a child process, stderr to `log`.
 pub fn spawn_gateway_process(world: &World, log: &Path) -> std::process::Child {
+    spawn_gateway_process_with(world, log, &[])
+}
+
+/// [`spawn_gateway_process`] with extra environment variables (systemd's, for example).
+pub fn spawn_gateway_process_with(
+    world: &World,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let err = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -224,6 +233,7 @@ pub fn spawn_gateway_process(world: &World, log: &Path) -> std::process::Child {
     std::process::Command::new(shuyuan_bin())
         .args(["run", "--config"])
         .arg(world.path().join("gateway.toml"))
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(err)
         .spawn()
