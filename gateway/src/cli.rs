@@ -242,6 +242,47 @@ enum CertsCommand {
         #[arg(long)]
         host: Vec<String>,
     },
+    /// Make this gateway's key here (P-256, 0600; it never leaves the device) and a
+    /// certificate signing request with the gateway id as CN, for the platform's CA.
+    Request {
+        #[arg(long)]
+        id: String,
+        /// A directory without a key in it (for a renewal, e.g. /etc/shuyuan/certs/next).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check the certificate the CA issued (chain to the platform's CA, key, CN = gateway.id,
+    /// dates) and swap it in atomically; a running gateway reloads it without a restart.
+    Install {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+        /// Intermediate certificates (and the root, which is skipped) from the CA.
+        #[arg(long)]
+        chain: Option<PathBuf>,
+        /// The key `certs request` made, to move in with the certificate (renewal with a
+        /// new key); the configured key is kept when absent.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The CA to check against; uplink.ca when absent.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Lab only: sign a request with a CA's certificate and key (the platform's CA does this
+    /// in production).
+    DevSign {
+        #[arg(long)]
+        ca_cert: PathBuf,
+        #[arg(long)]
+        ca_key: PathBuf,
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -405,34 +446,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Push { config } => {
-            let pid_file = config::load_unchecked(&config)?
-                .gateway
-                .state_dir
-                .join(PID_FILE);
-            let pid: u32 = std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-                .with_context(|| {
-                    format!(
-                        "no running gateway: {} is missing (is shuyuan run going?)",
-                        pid_file.display()
-                    )
-                })?;
-            // A stale pid file must not make us signal some other process.
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if !String::from_utf8_lossy(&cmdline).contains("shuyuan") {
-                anyhow::bail!(
-                    "no running gateway: process {pid} from {} is not shuyuan (stale file)",
-                    pid_file.display()
-                );
-            }
-            let status = std::process::Command::new("kill")
-                .args(["-USR1", &pid.to_string()])
-                .status()
-                .context("cannot run kill")?;
-            if !status.success() {
-                anyhow::bail!("could not signal process {pid}");
-            }
+            let pid = signal_daemon(&config, "-USR1")?;
             println!("asked the running gateway (pid {pid}) to push now");
             Ok(ExitCode::SUCCESS)
         }
@@ -561,7 +575,104 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Certs {
+            command: CertsCommand::Request { id, out },
+        } => {
+            let r = shuyuan::enrol::request(&id, &out)?;
+            println!(
+                "key {} (0600, stays on this device)\nrequest {} (CN {id}): send it to the platform's CA, then:\n  shuyuan certs install --config /etc/shuyuan/gateway.toml --cert <issued.pem> --chain <chain.pem> --key {}",
+                r.key.display(),
+                r.csr.display(),
+                r.key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs {
+            command:
+                CertsCommand::Install {
+                    config: cfg_path,
+                    cert,
+                    chain,
+                    key,
+                    ca,
+                },
+        } => {
+            let cfg = config::load_unchecked(&cfg_path)?;
+            let u = &cfg.uplink;
+            let installed = shuyuan::enrol::install(&shuyuan::enrol::Install {
+                gateway_id: &cfg.gateway.id,
+                ca: ca.as_deref().unwrap_or(&u.ca),
+                cert: &cert,
+                chain: chain.as_deref(),
+                new_key: key.as_deref(),
+                cert_at: &u.cert,
+                key_at: &u.key,
+            })?;
+            println!(
+                "installed {} (valid {} more days){}",
+                u.cert.display(),
+                installed.days_left,
+                if key.is_some() {
+                    format!(" with its key {}", u.key.display())
+                } else {
+                    String::new()
+                }
+            );
+            match signal_daemon(&cfg_path, "-HUP") {
+                Ok(pid) => println!("the running gateway (pid {pid}) reloads it now"),
+                Err(e) => println!("({e}: the new certificate is used at the next start)"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs {
+            command:
+                CertsCommand::DevSign {
+                    ca_cert,
+                    ca_key,
+                    csr,
+                    days,
+                    out,
+                },
+        } => {
+            let pem = shuyuan::enrol::dev_sign(&ca_cert, &ca_key, &csr, days)?;
+            std::fs::write(&out, pem).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("signed {} → {} ({days} days)", csr.display(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Sends `signal` to the daemon running with `config` (found by its pid file); its pid.
+fn signal_daemon(config: &std::path::Path, signal: &str) -> anyhow::Result<u32> {
+    let pid_file = config::load_unchecked(config)?
+        .gateway
+        .state_dir
+        .join(PID_FILE);
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .with_context(|| {
+            format!(
+                "no running gateway: {} is missing (is shuyuan run going?)",
+                pid_file.display()
+            )
+        })?;
+    // A stale pid file must not make us signal some other process.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("shuyuan") {
+        anyhow::bail!(
+            "no running gateway: process {pid} from {} is not shuyuan (stale file)",
+            pid_file.display()
+        );
+    }
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .context("cannot run kill")?;
+    if !status.success() {
+        anyhow::bail!("could not signal process {pid}");
+    }
+    Ok(pid)
 }
 
 fn preview(

@@ -307,6 +307,8 @@ pub async fn run_with(
 
 /// Days within which a certificate's coming expiry is put on the trail (daily) and shown.
 pub const CERT_WARN_DAYS: i64 = 30;
+/// Within this many days the coming expiry is logged as an error.
+pub const CERT_ERROR_DAYS: i64 = 7;
 
 /// A certificate not seen at the last start is put on the audit trail as installed.
 async fn audit_certificate(config: &Config, outbox: &Outbox, not_after: i64) {
@@ -343,11 +345,18 @@ async fn audit_certificate(config: &Config, outbox: &Outbox, not_after: i64) {
 /// Within [`CERT_WARN_DAYS`] of expiry, says so on the trail (called at start and daily).
 async fn audit_expiry(outbox: &Outbox, not_after: i64) {
     let days = (not_after - crate::timefmt::now_ms() / 1000).div_euclid(86_400);
-    if days <= CERT_WARN_DAYS {
+    if days <= CERT_ERROR_DAYS {
+        tracing::error!(
+            days_left = days,
+            "the gateway's certificate expires within a week (or has): renew it now (shuyuan certs request, then certs install)"
+        );
+    } else if days <= CERT_WARN_DAYS {
         tracing::warn!(
             days_left = days,
             "the gateway's certificate expires soon: renew it"
         );
+    }
+    if days <= CERT_WARN_DAYS {
         let _ = outbox
             .audit(
                 "certificate_near_expiry",

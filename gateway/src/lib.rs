@@ -29,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod demo;
+pub mod enrol;
 pub mod health;
 pub mod keys;
 pub mod mtls_server;

@@ -127,7 +127,9 @@ impl Snapshot {
                 .sources
                 .iter()
                 .all(|s| s.last_ok_ms == 0 && s.polls_failed > 0);
-        let state = if all_sources_down {
+        // An expired certificate: the platform refuses every upload.
+        let cert_expired = self.cert_days_left.is_some_and(|d| d < 0);
+        let state = if all_sources_down || cert_expired {
             Health::Down
         } else if why.is_empty() {
             Health::Ok

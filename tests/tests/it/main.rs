@@ -1,6 +1,7 @@
 //! The one integration test binary: end-to-end and fault tests sharing `shuyuan_tests`.
 
 mod audit;
+mod certs;
 mod config_errors;
 mod crash;
 mod e2e;
