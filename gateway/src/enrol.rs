@@ -227,6 +227,11 @@ fn swap(path: &Path, bytes: &[u8], private: bool) -> Result<(), EnrolError> {
         std::fs::write(&tmp, bytes)
     };
     w.map_err(|e| file(&tmp, format!("cannot write: {e}")))?;
+    // The daemon runs as its own user: a file replaced by root keeps its owner.
+    if let Ok(m) = std::fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        let _ = std::os::unix::fs::chown(&tmp, Some(m.uid()), Some(m.gid()));
+    }
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(|e| file(&tmp, format!("cannot sync: {e}")))?;

@@ -114,7 +114,7 @@ fn sysusers_and_tmpfiles_make_the_user_and_the_spool() {
     let (ok, text) = run(Command::new("systemd-tmpfiles")
         .arg(format!("--root={}", r.display()))
         .arg("--create")
-        .arg(repo().join("systemd/shuyuan.tmpfiles")));
+        .arg(repo().join("systemd/shuyuan.tmpfile")));
     assert!(ok, "{text}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(r.join("var/spool/shuyuan"))

@@ -51,6 +51,15 @@ async fn status_reads_ok_then_degraded_from_a_live_daemon_and_down_when_stopped(
         .await
     );
 
+    // The socket: 0660, in the daemon's group (Group=shuyuan under the systemd unit), so
+    // technicians in that group can read status and nobody else can.
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = std::fs::metadata(world.path().join("state/status.sock")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o660);
+        let own = std::fs::metadata("/proc/self").unwrap().gid();
+        assert_eq!(m.gid(), own);
+    }
     let (code, text) = status(&world, false);
     assert_eq!(code, Some(0), "{text}");
     assert!(
