@@ -181,7 +181,9 @@ pub async fn run_with(
     let wake = Arc::new(Notify::new());
     let sealed_all = CancellationToken::new();
     let status_outbox = outbox.clone();
-    let watchdog_outbox = outbox.clone();
+    // Held only by the watchdog task: a handle left in this scope would keep the store's
+    // thread alive past shutdown.
+    let mut watchdog_outbox = Some(outbox.clone());
     // Audit retention: at start, then daily.
     tasks.spawn({
         let (outbox, keep, stop) = (outbox.clone(), config.audit.keep(), shutdown.clone());
@@ -259,8 +261,8 @@ pub async fn run_with(
     // systemd: ready once the store is open and the sources started; then WATCHDOG=1 for as
     // long as the store's thread answers, so a hung pipeline gets restarted.
     let notifier = Arc::new(crate::notify::Notifier::from_env());
-    if let Some(every) = notifier.watchdog_interval() {
-        let (notifier, outbox, stop) = (notifier.clone(), watchdog_outbox, shutdown.clone());
+    if let (Some(every), Some(outbox)) = (notifier.watchdog_interval(), watchdog_outbox.take()) {
+        let (notifier, stop) = (notifier.clone(), shutdown.clone());
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
@@ -275,6 +277,7 @@ pub async fn run_with(
             }
         });
     }
+    drop(watchdog_outbox);
     tasks.close();
     tracing::info!(gateway = %gw.id, sources = config.sources.len(), "gateway running");
     notifier.ready(&format!(
@@ -481,6 +484,7 @@ impl Sealer {
                     envelope.clone(),
                     b.source_seqs.clone(),
                     b.tally,
+                    b.rules.clone(),
                 )
                 .await
             {

@@ -14,6 +14,15 @@ use crate::policy::{Action, Policy, Tally};
 /// The last text input of a transforming rule and its rendered output (`None`: dropped).
 type Remembered = (Arc<str>, Option<Box<[u8]>>);
 
+/// What the policy did, per field and outcome (the rule's name, `no_rule` for default deny,
+/// `dropped_unsafe` when a rule could not be applied safely): counts for the audit trail.
+pub type RuleCounts = std::collections::BTreeMap<(Arc<str>, &'static str), u64>;
+
+/// Outcome name of a field with no rule.
+pub const NO_RULE: &str = "no_rule";
+/// Outcome name of a field whose rule could not be applied safely.
+pub const DROPPED_UNSAFE: &str = "dropped_unsafe";
+
 enum Step {
     Skip,
     Keep {
@@ -24,6 +33,8 @@ enum Step {
         key: Box<[u8]>,
         action: Action,
         last: Option<Remembered>,
+        /// Records whose value this rule could not de-identify safely (dropped instead).
+        failed: u64,
     },
 }
 
@@ -32,7 +43,15 @@ pub struct SourceEncoder {
     prefix: Vec<u8>,
     layout: Vec<Arc<str>>,
     steps: Vec<Step>,
+    /// Outcome name per position of the layout.
+    outcomes: Vec<&'static str>,
     tally: Tally,
+    /// Records encoded with the current layout since the last flush of the counts.
+    uses: u64,
+    /// Positions whose rule failed on the last record (usually none).
+    last_failed: Vec<usize>,
+    /// Counts of earlier layouts not yet flushed.
+    pending: RuleCounts,
 }
 
 /// `"name":`, escaped.
@@ -50,8 +69,43 @@ impl SourceEncoder {
             prefix: line_prefix(source),
             layout: Vec::new(),
             steps: Vec::new(),
+            outcomes: Vec::new(),
             tally: Tally::default(),
+            uses: 0,
+            last_failed: Vec::new(),
+            pending: RuleCounts::new(),
         }
+    }
+
+    /// Adds the per-rule counts since the last flush to `into`. With `except_last`, the last
+    /// record encoded is left out and stays counted for the next flush (it moved to the next
+    /// batch).
+    pub fn flush_counts(&mut self, into: &mut RuleCounts, except_last: bool) {
+        for (k, v) in std::mem::take(&mut self.pending) {
+            *into.entry(k).or_default() += v;
+        }
+        let keep = u64::from(except_last && self.uses > 0);
+        let uses = self.uses - keep;
+        for (i, (name, outcome)) in self.layout.iter().zip(&self.outcomes).enumerate() {
+            let mut failed = match &mut self.steps[i] {
+                Step::Transform { failed, .. } => std::mem::take(failed),
+                _ => 0,
+            };
+            if keep == 1 && self.last_failed.contains(&i) {
+                // The carried record's failure stays with it.
+                failed -= 1;
+                if let Step::Transform { failed: f, .. } = &mut self.steps[i] {
+                    *f = 1;
+                }
+            }
+            if uses - failed > 0 {
+                *into.entry((name.clone(), *outcome)).or_default() += uses - failed;
+            }
+            if failed > 0 {
+                *into.entry((name.clone(), DROPPED_UNSAFE)).or_default() += failed;
+            }
+        }
+        self.uses = keep;
     }
 
     fn same_layout(&self, rec: &Record) -> bool {
@@ -64,11 +118,24 @@ impl SourceEncoder {
     }
 
     fn plan(&mut self, rec: &Record) {
+        // The old layout's counts are kept for the next flush.
+        let mut pending = std::mem::take(&mut self.pending);
+        self.flush_counts(&mut pending, false);
+        self.pending = pending;
         let mut t = Tally {
             records: 1,
             ..Tally::default()
         };
         self.layout = rec.fields.iter().map(|f| f.name.clone()).collect();
+        self.outcomes = rec
+            .fields
+            .iter()
+            .map(|f| {
+                self.policy
+                    .rule(&f.name)
+                    .map_or(NO_RULE, |r| r.action.name())
+            })
+            .collect();
         self.steps = rec
             .fields
             .iter()
@@ -91,6 +158,7 @@ impl SourceEncoder {
                         key: key(&f.name),
                         action: action.clone(),
                         last: None,
+                        failed: 0,
                     }
                 }
             })
@@ -107,7 +175,9 @@ impl SourceEncoder {
         write_ts_seq(rec.ts_ms, rec.seq, out);
         let mut first = true;
         let mut tally = self.tally;
-        for (f, step) in rec.fields.iter().zip(self.steps.iter_mut()) {
+        self.uses += 1;
+        self.last_failed.clear();
+        for (i, (f, step)) in rec.fields.iter().zip(self.steps.iter_mut()).enumerate() {
             match step {
                 Step::Skip => {}
                 Step::Keep { key } => {
@@ -115,7 +185,12 @@ impl SourceEncoder {
                     out.extend_from_slice(key);
                     write_value(&f.value, out);
                 }
-                Step::Transform { key, action, last } => {
+                Step::Transform {
+                    key,
+                    action,
+                    last,
+                    failed,
+                } => {
                     let local;
                     let bytes = if let Value::Text(t) = &f.value {
                         // Text repeats (tags): transform once per distinct value.
@@ -137,6 +212,8 @@ impl SourceEncoder {
                         None => {
                             tally.masked -= 1;
                             tally.dropped += 1;
+                            *failed += 1;
+                            self.last_failed.push(i);
                         }
                     }
                 }
@@ -290,5 +367,63 @@ mod tests {
             );
             assert_eq!(t1, t2, "seq {seq}");
         }
+    }
+
+    #[test]
+    fn rule_counts_are_exact_across_layouts_failures_and_a_carried_record() {
+        let mut cfg = PolicyConfig::default();
+        cfg.fields.insert(
+            "a".into(),
+            FieldRuleConfig::new(ActionKind::Keep, Grade::Internal),
+        );
+        cfg.fields.insert(
+            "d".into(),
+            FieldRuleConfig::new(ActionKind::Drop, Grade::Internal),
+        );
+        let mut round = FieldRuleConfig::new(ActionKind::Round, Grade::Internal);
+        round.decimals = Some(1);
+        cfg.fields.insert("r".into(), round);
+        let mut enc = SourceEncoder::new("s", Arc::new(Policy::compile(&cfg, None).unwrap()));
+        let field = |n: &str, v: Value| Field {
+            name: Arc::from(n),
+            value: v,
+        };
+        let r1 = |seq, rv: Value| Record {
+            source: Arc::from("s"),
+            ts_ms: 0,
+            seq,
+            fields: vec![
+                field("a", Value::Int(1)),
+                field("d", Value::Int(2)),
+                field("r", rv),
+                field("z", Value::Int(3)),
+            ],
+        };
+        let mut out = Vec::new();
+        enc.encode(&r1(1, Value::Float(1.26)), &mut out);
+        // Not a number: round cannot apply, the field is dropped.
+        enc.encode(&r1(2, Value::Text(Arc::from("n/a"))), &mut out);
+        // Another layout.
+        let mut r3 = r1(3, Value::Float(2.0));
+        r3.fields.truncate(1);
+        enc.encode(&r3, &mut out);
+        // Back to the first layout, with a failure; this record is carried to the next batch.
+        enc.encode(&r1(4, Value::Text(Arc::from("?"))), &mut out);
+        let mut first = RuleCounts::new();
+        enc.flush_counts(&mut first, true);
+        let get = |c: &RuleCounts, f: &str, o: &str| c.get(&(Arc::from(f), o)).copied();
+        assert_eq!(get(&first, "a", "keep"), Some(3));
+        assert_eq!(get(&first, "d", "drop"), Some(2));
+        assert_eq!(get(&first, "r", "round"), Some(1));
+        assert_eq!(get(&first, "r", DROPPED_UNSAFE), Some(1));
+        assert_eq!(get(&first, "z", NO_RULE), Some(2));
+        let mut second = RuleCounts::new();
+        enc.flush_counts(&mut second, false);
+        assert_eq!(get(&second, "a", "keep"), Some(1));
+        assert_eq!(get(&second, "r", DROPPED_UNSAFE), Some(1));
+        assert_eq!(get(&second, "r", "round"), None);
+        let mut none = RuleCounts::new();
+        enc.flush_counts(&mut none, false);
+        assert!(none.is_empty(), "{none:?}");
     }
 }

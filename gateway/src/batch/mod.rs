@@ -14,7 +14,7 @@ use tokio::time::Instant;
 mod encode;
 mod json;
 
-pub use encode::SourceEncoder;
+pub use encode::{RuleCounts, SourceEncoder, DROPPED_UNSAFE, NO_RULE};
 pub use json::encode_line;
 
 use crate::collect::Record;
@@ -29,6 +29,8 @@ pub struct Batch {
     /// Highest record sequence per source in this batch.
     pub source_seqs: BTreeMap<Arc<str>, u64>,
     pub tally: Tally,
+    /// What each source's policy did, per field and rule, over this batch's records.
+    pub rules: BTreeMap<Arc<str>, RuleCounts>,
 }
 
 const RECV_CHUNK: usize = 256;
@@ -45,6 +47,8 @@ pub struct Batcher {
     open: Batch,
     seqs: FastMap<Arc<str>, u64>,
     opened_at: Option<Instant>,
+    /// The last push closed a batch without its record (the line did not fit).
+    carried: bool,
 }
 
 impl Batcher {
@@ -54,6 +58,7 @@ impl Batcher {
             open: Batch::default(),
             seqs: FastMap::default(),
             opened_at: None,
+            carried: false,
         }
     }
 
@@ -82,9 +87,11 @@ impl Batcher {
         let start = self.open.body.len();
         let tally = encode(&mut self.open.body);
         let mut closed = None;
+        self.carried = false;
         if self.open.records > 0 && self.open.body.len() > self.limits.max_bytes {
             let line = self.open.body.split_off(start);
             closed = self.take();
+            self.carried = true;
             self.opened_at = Some(Instant::now());
             self.open
                 .body
@@ -106,6 +113,11 @@ impl Batcher {
             return closed.or_else(|| self.take());
         }
         closed
+    }
+
+    /// Whether the batch the last push closed left that push's record for the next one.
+    pub fn carried(&self) -> bool {
+        self.carried
     }
 
     /// When the open batch must close by age.
@@ -151,7 +163,8 @@ pub async fn run(
         tokio::select! {
             n = rx.recv_many(&mut inbox, RECV_CHUNK) => if n == 0 { break },
             _ = sleep_until_opt(deadline) => {
-                if let Some(b) = batcher.take() {
+                if let Some(mut b) = batcher.take() {
+                    flush_rules(&mut encoders, &mut b, None);
                     if tx.send(b).await.is_err() {
                         return;
                     }
@@ -170,7 +183,9 @@ pub async fn run(
                 tally
             });
             t.add(&tally);
-            if let Some(b) = closed {
+            if let Some(mut b) = closed {
+                let carried = batcher.carried().then_some(&rec.source);
+                flush_rules(&mut encoders, &mut b, carried);
                 if tx.send(b).await.is_err() {
                     return;
                 }
@@ -182,8 +197,25 @@ pub async fn run(
         stats.fields_dropped.fetch_add(t.dropped.into(), Relaxed);
         stats.fields_unlisted.fetch_add(t.unlisted.into(), Relaxed);
     }
-    if let Some(b) = batcher.take() {
+    if let Some(mut b) = batcher.take() {
+        flush_rules(&mut encoders, &mut b, None);
         let _ = tx.send(b).await;
+    }
+}
+
+/// Moves every source's per-rule counts into the batch that closed; the record of `carried`
+/// (whose line went to the next batch) stays counted for the next one.
+fn flush_rules(
+    encoders: &mut FastMap<Arc<str>, SourceEncoder>,
+    b: &mut Batch,
+    carried: Option<&Arc<str>>,
+) {
+    for (source, enc) in encoders.iter_mut() {
+        let mut counts = RuleCounts::new();
+        enc.flush_counts(&mut counts, carried.is_some_and(|c| c == source));
+        if !counts.is_empty() {
+            b.rules.insert(source.clone(), counts);
+        }
     }
 }
 

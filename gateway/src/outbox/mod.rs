@@ -213,11 +213,14 @@ impl Outbox {
             envelope,
             source_seqs,
             crate::policy::Tally::default(),
+            BTreeMap::new(),
         )
         .await
     }
 
-    /// [`Outbox::append`], recording in the audit trail what the policy did to the batch.
+    /// [`Outbox::append`], recording in the audit trail what the policy did to the batch:
+    /// totals, and per source, field and rule.
+    #[allow(clippy::too_many_arguments)]
     pub async fn append_audited(
         &self,
         seq: u64,
@@ -226,6 +229,7 @@ impl Outbox {
         envelope: bytes::Bytes,
         source_seqs: BTreeMap<Arc<str>, u64>,
         tally: crate::policy::Tally,
+        rules: BTreeMap<Arc<str>, crate::batch::RuleCounts>,
     ) -> Result<Evicted, OutboxError> {
         let quota = self.quota;
         // Low on disk: the buffer may not grow, only reuse the room that eviction frees.
@@ -247,6 +251,7 @@ impl Outbox {
                     envelope: &envelope,
                     source_seqs: &source_seqs,
                     tally: &tally,
+                    rules: &rules,
                     low_disk,
                 };
                 append_tx(c, quota, &b)
@@ -438,6 +443,24 @@ fn read_depth(c: &mut Connection) -> rusqlite::Result<Depth> {
     )
 }
 
+/// `{source: {field: {rule: count}}}`.
+fn rules_json(rules: &BTreeMap<Arc<str>, crate::batch::RuleCounts>) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (source, counts) in rules {
+        let mut fields = serde_json::Map::new();
+        for ((field, rule), n) in counts {
+            let e = fields
+                .entry(field.to_string())
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if let serde_json::Value::Object(m) = e {
+                m.insert((*rule).to_string(), (*n).into());
+            }
+        }
+        out.insert(source.to_string(), serde_json::Value::Object(fields));
+    }
+    serde_json::Value::Object(out)
+}
+
 /// One batch to commit, with what goes into the same transaction.
 struct NewBatch<'a> {
     seq: u64,
@@ -446,6 +469,7 @@ struct NewBatch<'a> {
     envelope: &'a [u8],
     source_seqs: &'a BTreeMap<Arc<str>, u64>,
     tally: &'a crate::policy::Tally,
+    rules: &'a BTreeMap<Arc<str>, crate::batch::RuleCounts>,
     /// The file system is short of space: the buffer may not grow.
     low_disk: bool,
 }
@@ -458,6 +482,7 @@ fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evict
         envelope,
         source_seqs,
         tally,
+        rules,
         low_disk,
     } = *b;
     let tx = c.transaction()?;
@@ -533,6 +558,7 @@ fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evict
             "seq": seq, "records": records, "bytes": size,
             "fields_kept": tally.kept, "fields_deidentified": tally.masked,
             "fields_dropped": tally.dropped, "fields_without_rule": tally.unlisted,
+            "rules": rules_json(rules),
         }),
     )?;
     tx.commit()?;

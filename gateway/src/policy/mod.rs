@@ -45,6 +45,20 @@ pub enum Action {
 }
 
 impl Action {
+    /// The rule's name as written in the config (generalize for addresses, dates and
+    /// buckets), for the audit trail's per-rule counts.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Keep => "keep",
+            Action::Drop => "drop",
+            Action::Mask { .. } => "mask",
+            Action::Pseudonymize { .. } => "pseudonymize",
+            Action::Address(_) | Action::Date(_) | Action::Buckets(_) => "generalize",
+            Action::Round { .. } => "round",
+            Action::Scrub => "scrub",
+        }
+    }
+
     /// The de-identified value, or `None` when the rule cannot be applied safely to this
     /// value (the field is then dropped). Not called for keep and drop.
     pub fn transform(&self, v: &Value) -> Option<Value> {

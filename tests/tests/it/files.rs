@@ -163,6 +163,18 @@ async fn gbk_export_is_delivered_once_bad_rows_recorded_and_the_file_destroyed()
         .find(|(k, _)| k == "file_rejected")
         .expect("the mismatched file is rejected on the trail");
     assert!(rejected.1["reason"].as_str().unwrap().contains("户号"));
+    // Per rule, over every sealed batch: exactly one outcome per row and field.
+    let rule = |field: &str, outcome: &str| -> u64 {
+        audit
+            .iter()
+            .filter(|(k, _)| k == "batch_sealed")
+            .filter_map(|(_, d)| d["rules"]["billing"][field][outcome].as_u64())
+            .sum()
+    };
+    assert_eq!(rule("id_card", "drop"), 300);
+    assert_eq!(rule("phone", "mask"), 300);
+    assert_eq!(rule("address", "generalize"), 300);
+    assert_eq!(rule("amount_yuan", "keep"), 300);
     assert!(
         spool.join("other.csv").exists(),
         "a rejected file stays for the operator"
@@ -199,6 +211,12 @@ async fn gbk_export_is_delivered_once_bad_rows_recorded_and_the_file_destroyed()
         "a duplicate is not sent again"
     );
     gw.shutdown().await.unwrap();
+    // The store was closed on the way out (its WAL folded in and removed): no handle to it
+    // outlived the stages.
+    assert!(
+        !world.path().join("state/outbox.sqlite-wal").exists(),
+        "the store's connection was closed at shutdown"
+    );
     rx.shutdown().await;
 }
 
