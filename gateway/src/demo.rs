@@ -90,19 +90,9 @@ fields.meter_id = {{ action = "mask", keep_head = 4, keep_tail = 2, grade = "per
 fields.duty_phone = {{ action = "mask", keep_head = 3, keep_tail = 4, grade = "personal" }}
 # device_serial has no rule: default deny drops it.
 
-[policies.customer]
-fields.account_no = {{ action = "mask", keep_head = 2, keep_tail = 2, grade = "personal" }}
-fields.customer_name = {{ action = "mask", keep_head = 1, grade = "personal" }}
-fields.id_card = {{ action = "drop", grade = "sensitive" }}
-fields.phone = {{ action = "mask", keep_head = 3, keep_tail = 4, grade = "personal" }}
-fields.address = {{ action = "generalize", level = "district", grade = "personal" }}
-fields.meter_id = {{ action = "mask", keep_head = 4, keep_tail = 2, grade = "personal" }}
-fields.bill_month = {{ action = "generalize", level = "month", grade = "internal" }}
-fields.usage_m3 = {{ action = "round", decimals = 0, grade = "internal" }}
-fields.amount_yuan = {{ action = "keep", grade = "internal" }}
-fields.remark = {{ action = "scrub", grade = "personal" }}
-"#,
-        columns = crate::sim_files::BILLING_COLUMNS_TOML
+{customer}"#,
+        columns = crate::sim_files::BILLING_COLUMNS_TOML,
+        customer = crate::sim_files::BILLING_POLICY_TOML
     )
 }
 

@@ -22,6 +22,21 @@ pub const BILLING_COLUMNS_TOML: &str = r#"columns = [
   { name = "remark", header = "备注" },
 ]"#;
 
+/// A `[policies.customer]` for [`billing_export`] rows: the ID number dropped; name, phone,
+/// account and meter masked; address to the district, month of the bill; remark scrubbed.
+pub const BILLING_POLICY_TOML: &str = r#"[policies.customer]
+fields.account_no = { action = "mask", keep_head = 2, keep_tail = 2, grade = "personal" }
+fields.customer_name = { action = "mask", keep_head = 1, grade = "personal" }
+fields.id_card = { action = "drop", grade = "sensitive" }
+fields.phone = { action = "mask", keep_head = 3, keep_tail = 4, grade = "personal" }
+fields.address = { action = "generalize", level = "district", grade = "personal" }
+fields.meter_id = { action = "mask", keep_head = 4, keep_tail = 2, grade = "personal" }
+fields.bill_month = { action = "generalize", level = "month", grade = "internal" }
+fields.usage_m3 = { action = "keep", grade = "internal" }
+fields.amount_yuan = { action = "keep", grade = "internal" }
+fields.remark = { action = "scrub", grade = "personal" }
+"#;
+
 const SURNAMES: &[&str] = &["张", "王", "李", "赵", "刘", "陈", "杨", "欧阳", "黄", "周"];
 const GIVEN: &[&str] = &[
     "伟", "芳", "秀英", "敏", "静", "强", "磊", "洋", "艳", "文涛",

@@ -8,7 +8,18 @@ pub mod points;
 pub mod rtu;
 pub mod sample;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// A source's fixed `tags`, as text fields added to each of its records.
+pub fn tag_fields(tags: &BTreeMap<String, String>) -> Vec<Field> {
+    tags.iter()
+        .map(|(k, v)| Field {
+            name: Arc::from(k.as_str()),
+            value: Value::Text(Arc::from(v.as_str())),
+        })
+        .collect()
+}
 
 /// One observation of a source: what a poll read, at one instant.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use super::points::ReadPlan;
 use super::points::{Read, ReadData};
-use super::{Field, Record, Value};
+use super::{Field, Record};
 use crate::config::{PointConfig, RegisterKind, SourceConfig};
 use crate::stats::SourceStats;
 use crate::timefmt::now_ms;
@@ -59,12 +59,7 @@ impl ModbusTcpSource {
         points: &[PointConfig],
         stats: Arc<SourceStats>,
     ) -> Result<Self, String> {
-        let plan = ReadPlan::build(points).map_err(|e| {
-            e.into_iter()
-                .map(|(p, m)| format!("{p}: {m}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })?;
+        let plan = plan_of(points)?;
         let address = cfg
             .address
             .clone()
@@ -76,14 +71,7 @@ impl ModbusTcpSource {
             interval: cfg.interval.0,
             timeout: cfg.timeout.0,
             plan,
-            tags: cfg
-                .tags
-                .iter()
-                .map(|(k, v)| Field {
-                    name: Arc::from(k.as_str()),
-                    value: Value::Text(Arc::from(v.as_str())),
-                })
-                .collect(),
+            tags: super::tag_fields(&cfg.tags),
             stats,
             pipeline: None,
         })
@@ -222,6 +210,16 @@ impl ModbusTcpSource {
     async fn poll(&self, ctx: &mut Context, data: &mut Vec<ReadData>) -> Result<(), PollError> {
         poll_plan(ctx, &self.plan, self.timeout, &self.stats, data).await
     }
+}
+
+/// The read plan of a device's points, its problems in one message.
+pub(crate) fn plan_of(points: &[PointConfig]) -> Result<ReadPlan, String> {
+    ReadPlan::build(points).map_err(|e| {
+        e.into_iter()
+            .map(|(p, m)| format!("{p}: {m}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
 }
 
 /// Reads every request of `plan` in turn; the first failure ends the poll.

@@ -20,9 +20,9 @@ use tokio_modbus::Slave;
 use tokio_serial::{DataBits, SerialPortBuilderExt as _, StopBits};
 use tokio_util::sync::CancellationToken;
 
-use super::modbus::{hand_on, poll_plan, HandOn, PollError, ReadPlan};
+use super::modbus::{hand_on, plan_of, poll_plan, HandOn, PollError, ReadPlan};
 use super::points::ReadData;
-use super::{Field, Record, Value};
+use super::{Field, Record};
 use crate::config::{Config, Parity, SourceConfig, SourceKind};
 use crate::stats::{PipelineStats, SourceStats, Stats};
 use crate::timefmt::now_ms;
@@ -95,12 +95,7 @@ impl RtuBus {
                 .port
                 .clone()
                 .ok_or_else(|| format!("source {:?} has no port", s.id))?;
-            let plan = ReadPlan::build(config.points_of(s)).map_err(|e| {
-                e.into_iter()
-                    .map(|(p, m)| format!("{p}: {m}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            })?;
+            let plan = plan_of(config.points_of(s))?;
             let id: Arc<str> = Arc::from(s.id.as_str());
             let dev = RtuDevice {
                 stats: stats.source(&id),
@@ -109,14 +104,7 @@ impl RtuBus {
                 interval: s.interval.0,
                 timeout: s.timeout.0,
                 plan,
-                tags: s
-                    .tags
-                    .iter()
-                    .map(|(k, v)| Field {
-                        name: Arc::from(k.as_str()),
-                        value: Value::Text(Arc::from(v.as_str())),
-                    })
-                    .collect(),
+                tags: super::tag_fields(&s.tags),
                 next_seq: next_seq(&s.id),
             };
             match buses.iter_mut().find(|b| b.port == port) {

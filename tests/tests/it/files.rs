@@ -25,19 +25,10 @@ policy = "customer"
 {extra}
 {}
 
-[policies.customer]
-fields.account_no = {{ action = "mask", keep_head = 2, keep_tail = 2, grade = "personal" }}
-fields.customer_name = {{ action = "mask", keep_head = 1, grade = "personal" }}
-fields.id_card = {{ action = "drop", grade = "sensitive" }}
-fields.phone = {{ action = "mask", keep_head = 3, keep_tail = 4, grade = "personal" }}
-fields.address = {{ action = "generalize", level = "district", grade = "personal" }}
-fields.meter_id = {{ action = "mask", keep_head = 4, keep_tail = 2, grade = "personal" }}
-fields.bill_month = {{ action = "generalize", level = "month", grade = "internal" }}
-fields.usage_m3 = {{ action = "keep", grade = "internal" }}
-fields.amount_yuan = {{ action = "keep", grade = "internal" }}
-fields.remark = {{ action = "scrub", grade = "personal" }}
+{}
 "#,
-        shuyuan::sim_files::BILLING_COLUMNS_TOML
+        shuyuan::sim_files::BILLING_COLUMNS_TOML,
+        shuyuan::sim_files::BILLING_POLICY_TOML
     )
 }
 

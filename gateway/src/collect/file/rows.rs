@@ -145,14 +145,7 @@ impl Layout {
             columns,
             time_column,
             tz,
-            tags: s
-                .tags
-                .iter()
-                .map(|(k, v)| Field {
-                    name: Arc::from(k.as_str()),
-                    value: Value::Text(Arc::from(v.as_str())),
-                })
-                .collect(),
+            tags: crate::collect::tag_fields(&s.tags),
         })
     }
 
