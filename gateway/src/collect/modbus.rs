@@ -127,20 +127,18 @@ impl ModbusTcpSource {
             let outcome = self.poll(c, &mut data).await;
             match outcome {
                 Ok(()) => {
-                    let mut fields = Vec::with_capacity(self.plan.point_count() + self.tags.len());
-                    if let Err(e) = self.plan.decode(&data, &mut fields) {
-                        self.fail(&e);
-                        continue;
-                    }
-                    fields.extend(self.tags.iter().cloned());
-                    self.stats.polls_ok.fetch_add(1, Relaxed);
-                    self.stats.records.fetch_add(1, Relaxed);
-                    self.stats.last_ok_ms.store(ts_ms, Relaxed);
-                    let rec = Record {
-                        source: self.id.clone(),
-                        ts_ms,
-                        seq: next_seq,
-                        fields,
+                    let polled = Polled {
+                        id: &self.id,
+                        plan: &self.plan,
+                        tags: &self.tags,
+                        stats: &self.stats,
+                    };
+                    let rec = match polled.record(&data, ts_ms, next_seq) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.fail(&e);
+                            continue;
+                        }
                     };
                     next_seq += 1;
                     let limit = if shutdown.is_cancelled() {
@@ -209,6 +207,32 @@ impl ModbusTcpSource {
 
     async fn poll(&self, ctx: &mut Context, data: &mut Vec<ReadData>) -> Result<(), PollError> {
         poll_plan(ctx, &self.plan, self.timeout, &self.stats, data).await
+    }
+}
+
+/// One device's answer to a poll, made into a record (shared by TCP and RTU).
+pub(crate) struct Polled<'a> {
+    pub id: &'a Arc<str>,
+    pub plan: &'a ReadPlan,
+    pub tags: &'a [Field],
+    pub stats: &'a SourceStats,
+}
+
+impl Polled<'_> {
+    /// Decodes the poll's data, adds the tags and counts the good poll.
+    pub fn record(&self, data: &[ReadData], ts_ms: i64, seq: u64) -> Result<Record, String> {
+        let mut fields = Vec::with_capacity(self.plan.point_count() + self.tags.len());
+        self.plan.decode(data, &mut fields)?;
+        fields.extend(self.tags.iter().cloned());
+        self.stats.polls_ok.fetch_add(1, Relaxed);
+        self.stats.records.fetch_add(1, Relaxed);
+        self.stats.last_ok_ms.store(ts_ms, Relaxed);
+        Ok(Record {
+            source: self.id.clone(),
+            ts_ms,
+            seq,
+            fields,
+        })
     }
 }
 

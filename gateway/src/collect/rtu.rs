@@ -20,7 +20,7 @@ use tokio_modbus::Slave;
 use tokio_serial::{DataBits, SerialPortBuilderExt as _, StopBits};
 use tokio_util::sync::CancellationToken;
 
-use super::modbus::{hand_on, plan_of, poll_plan, HandOn, PollError, ReadPlan};
+use super::modbus::{hand_on, plan_of, poll_plan, HandOn, PollError, Polled, ReadPlan};
 use super::points::ReadData;
 use super::{Field, Record};
 use crate::config::{Config, Parity, SourceConfig, SourceKind};
@@ -195,19 +195,14 @@ impl RtuBus {
             quiet_until = Instant::now() + self.gap;
             let err = match outcome {
                 Ok(()) => {
-                    let mut fields = Vec::with_capacity(dev.plan.point_count() + dev.tags.len());
-                    match dev.plan.decode(&data, &mut fields) {
-                        Ok(()) => {
-                            fields.extend(dev.tags.iter().cloned());
-                            dev.stats.polls_ok.fetch_add(1, Relaxed);
-                            dev.stats.records.fetch_add(1, Relaxed);
-                            dev.stats.last_ok_ms.store(ts_ms, Relaxed);
-                            let rec = Record {
-                                source: dev.id.clone(),
-                                ts_ms,
-                                seq: dev.next_seq,
-                                fields,
-                            };
+                    let polled = Polled {
+                        id: &dev.id,
+                        plan: &dev.plan,
+                        tags: &dev.tags,
+                        stats: &dev.stats,
+                    };
+                    match polled.record(&data, ts_ms, dev.next_seq) {
+                        Ok(rec) => {
                             dev.next_seq += 1;
                             let limit = dev.interval.max(Duration::from_millis(100));
                             match hand_on(&tx, rec, limit, &dev.stats, self.pipeline.as_deref())

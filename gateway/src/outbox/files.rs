@@ -114,6 +114,14 @@ fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileEntry> {
     })
 }
 
+fn by_sha(c: &Connection, sha: &str) -> rusqlite::Result<FileEntry> {
+    c.query_row(
+        &format!("SELECT {COLUMNS} FROM files WHERE sha256 = ?1"),
+        [sha],
+        entry,
+    )
+}
+
 fn set_state(
     c: &Connection,
     sha: &str,
@@ -153,17 +161,7 @@ pub fn bad_rows(
 
 impl Outbox {
     pub async fn file_lookup(&self, sha: String) -> Result<Option<FileEntry>, OutboxError> {
-        Ok(self
-            .db
-            .call(move |c| {
-                c.query_row(
-                    &format!("SELECT {COLUMNS} FROM files WHERE sha256 = ?1"),
-                    [&sha],
-                    entry,
-                )
-                .optional()
-            })
-            .await??)
+        Ok(self.db.call(move |c| by_sha(c, &sha).optional()).await??)
     }
 
     /// A source's files not yet committed, in the order their records were numbered.
@@ -254,11 +252,7 @@ impl Outbox {
         self.db
             .call(move |c| -> rusqlite::Result<()> {
                 let tx = c.transaction()?;
-                let e = tx.query_row(
-                    &format!("SELECT {COLUMNS} FROM files WHERE sha256 = ?1"),
-                    [&sha],
-                    entry,
-                )?;
+                let e = by_sha(&tx, &sha)?;
                 set_state(&tx, &sha, FileState::Committed, None)?;
                 let last = e.last_seq.unwrap_or(e.first_seq.saturating_sub(1));
                 audit::append(
@@ -316,11 +310,7 @@ impl Outbox {
         self.db
             .call(move |c| -> rusqlite::Result<()> {
                 let tx = c.transaction()?;
-                let e = tx.query_row(
-                    &format!("SELECT {COLUMNS} FROM files WHERE sha256 = ?1"),
-                    [&sha],
-                    entry,
-                )?;
+                let e = by_sha(&tx, &sha)?;
                 set_state(&tx, &sha, state, Some(&note))?;
                 audit::append(
                     &tx,

@@ -37,6 +37,13 @@ async fn request_sign_and_install_while_running_and_refuse_what_the_platform_wou
         &format!("[[sources]]\nid = \"pump\"\nkind = \"modbus-tcp\"\naddress = \"{addr}\"\ninterval = \"100ms\"\npolicy = \"p\"\npoints = [ {{ name = \"counter\", register = \"holding\", address = 200, type = \"u32\" }} ]\n\n[policies.p]\nfields.counter = {{ action = \"keep\", grade = \"internal\" }}\n"),
     );
     let config = format!("{w}/gateway.toml");
+    let install = |cert: &str, key: Option<&str>| {
+        let mut args = vec!["certs", "install", "--config", &config, "--cert", cert];
+        if let Some(k) = key {
+            args.extend(["--key", k]);
+        }
+        cli(&args)
+    };
     let log = world.path().join("gateway.log");
     let mut gw = spawn_gateway_process(&world, &log);
 
@@ -90,14 +97,7 @@ async fn request_sign_and_install_while_running_and_refuse_what_the_platform_wou
     assert!(ok, "{text}");
 
     // Refused: the new certificate with the old key.
-    let (ok, text) = cli(&[
-        "certs",
-        "install",
-        "--config",
-        &config,
-        "--cert",
-        &format!("{w}/next/gateway.pem"),
-    ]);
+    let (ok, text) = install(&format!("{w}/next/gateway.pem"), None);
     assert!(!ok && text.contains("is not for the key"), "{text}");
     // Refused: another gateway's certificate.
     cli(&[
@@ -114,16 +114,10 @@ async fn request_sign_and_install_while_running_and_refuse_what_the_platform_wou
         &format!("{w}/other/gateway.pem"),
         &certs,
     );
-    let (ok, text) = cli(&[
-        "certs",
-        "install",
-        "--config",
-        &config,
-        "--cert",
+    let (ok, text) = install(
         &format!("{w}/other/gateway.pem"),
-        "--key",
-        &format!("{w}/other/gateway.key"),
-    ]);
+        Some(&format!("{w}/other/gateway.key")),
+    );
     assert!(!ok && text.contains("is for CN \"GW-OTHER\""), "{text}");
     // Refused: expired.
     sign(
@@ -132,16 +126,10 @@ async fn request_sign_and_install_while_running_and_refuse_what_the_platform_wou
         &format!("{w}/next/expired.pem"),
         &certs,
     );
-    let (ok, text) = cli(&[
-        "certs",
-        "install",
-        "--config",
-        &config,
-        "--cert",
+    let (ok, text) = install(
         &format!("{w}/next/expired.pem"),
-        "--key",
-        &format!("{w}/next/gateway.key"),
-    ]);
+        Some(&format!("{w}/next/gateway.key")),
+    );
     assert!(
         !ok && text.contains("not accepted") && text.to_lowercase().contains("expired"),
         "{text}"
@@ -155,16 +143,10 @@ async fn request_sign_and_install_while_running_and_refuse_what_the_platform_wou
         &format!("{w}/next/stranger.pem"),
         sca.to_str().unwrap(),
     );
-    let (ok, text) = cli(&[
-        "certs",
-        "install",
-        "--config",
-        &config,
-        "--cert",
+    let (ok, text) = install(
         &format!("{w}/next/stranger.pem"),
-        "--key",
-        &format!("{w}/next/gateway.key"),
-    ]);
+        Some(&format!("{w}/next/gateway.key")),
+    );
     assert!(!ok && text.contains("not accepted"), "{text}");
     let before = std::fs::read(format!("{certs}/gateway.pem")).unwrap();
 
@@ -175,16 +157,10 @@ async fn request_sign_and_install_while_running_and_refuse_what_the_platform_wou
         })
         .await
     );
-    let (ok, text) = cli(&[
-        "certs",
-        "install",
-        "--config",
-        &config,
-        "--cert",
+    let (ok, text) = install(
         &format!("{w}/next/gateway.pem"),
-        "--key",
-        &format!("{w}/next/gateway.key"),
-    ]);
+        Some(&format!("{w}/next/gateway.key")),
+    );
     assert!(ok && text.contains("reloads it now"), "{text}");
     assert_ne!(
         std::fs::read(format!("{certs}/gateway.pem")).unwrap(),
