@@ -410,21 +410,130 @@ pub struct Sealer {
     pub stats: Arc<PipelineStats>,
 }
 
+/// Sealed batches waiting for their commit. Committing waits on the disk (fsync), sealing on
+/// the CPU: with the two in separate tasks the next batch is sealed while the last one is
+/// made durable, instead of the seal stage idling for every fsync.
+const COMMIT_QUEUE: usize = 2;
+
+/// A batch after sealing, waiting for its commit.
+struct SealedBatch {
+    seq: u64,
+    created_ms: i64,
+    /// `None`: sealing failed (cannot happen with valid keys) and the records are lost.
+    envelope: Option<bytes::Bytes>,
+    batch: Batch,
+}
+
+/// What sealing needs.
+struct SealKeys {
+    gateway_id: String,
+    pseudonym_key_id: String,
+    recipient: HpkePublicKey,
+    signer: Arc<Signer>,
+}
+
+impl SealKeys {
+    fn seal(&self, seq: u64, mut batch: Batch) -> SealedBatch {
+        let created_ms = crate::timefmt::now_ms();
+        let meta = BatchMeta {
+            gateway_id: &self.gateway_id,
+            seq,
+            created_ms,
+            records: batch.records,
+            pseudonym_key_id: &self.pseudonym_key_id,
+        };
+        let envelope = match seal::seal(
+            &batch.body,
+            &meta,
+            &self.recipient,
+            &self.signer,
+            ZSTD_LEVEL,
+        ) {
+            Ok(e) => Some(bytes::Bytes::from(e)),
+            Err(e) => {
+                tracing::error!(
+                    seq,
+                    records = batch.records,
+                    "cannot seal batch, records lost: {e}"
+                );
+                None
+            }
+        };
+        // The plaintext is gone as soon as it is sealed.
+        batch.body = Vec::new();
+        SealedBatch {
+            seq,
+            created_ms,
+            envelope,
+            batch,
+        }
+    }
+}
+
 impl Sealer {
-    /// Runs until its input closes; then fires `sealed_all`.
+    /// Runs until its input closes and every batch is committed; then fires `sealed_all`.
     pub async fn run(
-        mut self,
+        self,
         mut rx: mpsc::Receiver<Batch>,
         shutdown: CancellationToken,
         sealed_all: CancellationToken,
     ) {
-        let mut audited_losses = 0u64;
+        let Sealer {
+            gateway_id,
+            pseudonym_key_id,
+            recipient,
+            signer,
+            outbox,
+            mut next_seq,
+            wake,
+            stats,
+        } = self;
+        let keys = SealKeys {
+            gateway_id,
+            pseudonym_key_id,
+            recipient,
+            signer,
+        };
+        let (to_commit, committing) = mpsc::channel(COMMIT_QUEUE);
+        let committer = Committer {
+            outbox,
+            wake,
+            stats,
+        };
+        let committer = tokio::spawn(committer.run(committing, shutdown));
         while let Some(b) = rx.recv().await {
-            self.commit(b, &shutdown).await;
+            // The number is taken at sealing (it is in the signed header): a batch lost after
+            // sealing leaves its number unused, and the loss is counted and audited.
+            let sealed = keys.seal(next_seq, b);
+            next_seq += 1;
+            if to_commit.send(sealed).await.is_err() {
+                break;
+            }
+        }
+        drop(to_commit);
+        if let Err(e) = committer.await {
+            tracing::error!("commit task failed: {e}");
+        }
+        sealed_all.cancel();
+    }
+}
+
+/// The commit half of the seal stage: puts sealed batches into the outbox in sequence order
+/// and wakes the uplink.
+struct Committer {
+    outbox: Outbox,
+    wake: Arc<Notify>,
+    stats: Arc<PipelineStats>,
+}
+
+impl Committer {
+    async fn run(mut self, mut rx: mpsc::Receiver<SealedBatch>, shutdown: CancellationToken) {
+        let mut audited_losses = 0u64;
+        while let Some(sealed) = rx.recv().await {
+            self.commit(sealed, &shutdown).await;
             self.audit_losses(&mut audited_losses).await;
         }
         self.audit_losses(&mut audited_losses).await;
-        sealed_all.cancel();
     }
 
     /// Puts records lost since the last entry (not taken by a stalled pipeline, or sealed but
@@ -445,29 +554,19 @@ impl Sealer {
         }
     }
 
-    async fn commit(&mut self, b: Batch, shutdown: &CancellationToken) {
-        let seq = self.next_seq;
-        let created_ms = crate::timefmt::now_ms();
-        let meta = BatchMeta {
-            gateway_id: &self.gateway_id,
+    async fn commit(&mut self, sealed: SealedBatch, shutdown: &CancellationToken) {
+        let SealedBatch {
             seq,
             created_ms,
-            records: b.records,
-            pseudonym_key_id: &self.pseudonym_key_id,
+            envelope,
+            batch: b,
+        } = sealed;
+        let Some(envelope) = envelope else {
+            self.stats
+                .records_lost_uncommitted
+                .fetch_add(b.records.into(), Relaxed);
+            return;
         };
-        let envelope = match seal::seal(&b.body, &meta, &self.recipient, &self.signer, ZSTD_LEVEL) {
-            Ok(e) => bytes::Bytes::from(e),
-            Err(e) => {
-                // Cannot happen with valid keys; if it does, the records are lost: say so.
-                tracing::error!(
-                    seq,
-                    records = b.records,
-                    "cannot seal batch, records lost: {e}"
-                );
-                return;
-            }
-        };
-        drop(b.body);
         let size = envelope.len() as u64;
         // A store that keeps failing holds the stage at most 600 tries; a buffer full under
         // on_full = "pause" holds it until the platform acks something (the uplink keeps
@@ -498,7 +597,6 @@ impl Sealer {
                             "buffer full: oldest batches evicted"
                         );
                     }
-                    self.next_seq += 1;
                     self.stats.batches_sealed.fetch_add(1, Relaxed);
                     self.stats
                         .records_sealed
