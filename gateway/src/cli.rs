@@ -732,9 +732,11 @@ fn preview(
         }
         (None, Some(s)) => {
             let stats = std::sync::Arc::default();
-            let m =
-                shuyuan::collect::modbus::ModbusTcpSource::from_config(s, cfg.points_of(s), stats)
-                    .map_err(anyhow::Error::msg)?;
+            let plan = shuyuan::collect::modbus::Plans::default()
+                .of(cfg, s)
+                .map_err(anyhow::Error::msg)?;
+            let m = shuyuan::collect::modbus::ModbusTcpSource::from_config(s, plan, stats)
+                .map_err(anyhow::Error::msg)?;
             let rec = runtime()?
                 .block_on(m.poll_once())
                 .map_err(anyhow::Error::msg)?;

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::batch::{self, Batch, Limits};
 use crate::collect::file::FileSource;
-use crate::collect::modbus::ModbusTcpSource;
+use crate::collect::modbus::{ModbusTcpSource, Plans};
 use crate::collect::rtu::RtuBus;
 use crate::config::{Config, SourceKind};
 use crate::keys::{HpkePublicKey, Signer};
@@ -82,14 +82,25 @@ pub async fn run_with(
         None => None,
     };
     let mut policies = HashMap::new();
+    // Compiled once per policy, shared by the sources that name it.
+    let mut compiled: HashMap<&str, Arc<Policy>> = HashMap::new();
     for s in &config.sources {
-        let p = config
-            .policies
-            .get(&s.policy)
-            .with_context(|| format!("policy {:?} not defined", s.policy))?;
-        let compiled = Policy::compile(p, pseudonym.as_ref())
-            .map_err(|e| anyhow::anyhow!("policy {:?}: {:?}", s.policy, e))?;
-        policies.insert(Arc::from(s.id.as_str()), Arc::new(compiled));
+        let policy = match compiled.get(s.policy.as_str()) {
+            Some(p) => p.clone(),
+            None => {
+                let p = config
+                    .policies
+                    .get(&s.policy)
+                    .with_context(|| format!("policy {:?} not defined", s.policy))?;
+                let p = Arc::new(
+                    Policy::compile(p, pseudonym.as_ref())
+                        .map_err(|e| anyhow::anyhow!("policy {:?}: {:?}", s.policy, e))?,
+                );
+                compiled.insert(&s.policy, p.clone());
+                p
+            }
+        };
+        policies.insert(Arc::from(s.id.as_str()), policy);
     }
     // The header names the pseudonym key whenever one is configured, so the platform knows
     // which key made the tokens it joins on.
@@ -141,13 +152,14 @@ pub async fn run_with(
             .get(id)
             .map_or(resume.source_floor + 1, |v| v + 1)
     };
+    let mut plans = Plans::default();
     for s in &config.sources {
         match s.kind {
             SourceKind::ModbusTcp => {
                 let id: Arc<str> = Arc::from(s.id.as_str());
-                let mut src =
-                    ModbusTcpSource::from_config(s, config.points_of(s), stats.source(&id))
-                        .map_err(anyhow::Error::msg)?;
+                let plan = plans.of(config, s).map_err(anyhow::Error::msg)?;
+                let mut src = ModbusTcpSource::from_config(s, plan, stats.source(&id))
+                    .map_err(anyhow::Error::msg)?;
                 src.pipeline = Some(stats.pipeline.clone());
                 tasks.spawn(src.run(rec_tx.clone(), shutdown.clone(), next_seq(&s.id)));
             }
@@ -559,7 +571,7 @@ impl Committer {
             seq,
             created_ms,
             envelope,
-            batch: b,
+            batch: mut b,
         } = sealed;
         let Some(envelope) = envelope else {
             self.stats
@@ -568,6 +580,7 @@ impl Committer {
             return;
         };
         let size = envelope.len() as u64;
+        let rules = Arc::new(std::mem::take(&mut b.rules));
         // A store that keeps failing holds the stage at most 600 tries; a buffer full under
         // on_full = "pause" holds it until the platform acks something (the uplink keeps
         // pushing) or shutdown; meanwhile sources count what they cannot hand on.
@@ -583,7 +596,7 @@ impl Committer {
                     envelope.clone(),
                     b.source_seqs.clone(),
                     b.tally,
-                    b.rules.clone(),
+                    rules.clone(),
                 )
                 .await
             {

@@ -5,7 +5,8 @@
 //! byte for byte what [`Policy::apply`] followed by [`super::encode_line`] produces; a test
 //! holds the two paths together.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use super::json::{json_str, line_prefix, write_ts_seq, write_value};
 use crate::collect::{Record, Value};
@@ -28,25 +29,126 @@ enum Step {
     Keep {
         key: Box<[u8]>,
     },
-    /// A de-identifying rule; `last` remembers the output for the last text input seen.
+    /// A de-identifying rule; `slot` is where each source keeps its state for it.
     Transform {
         key: Box<[u8]>,
         action: Action,
-        last: Option<Remembered>,
-        /// Records whose value this rule could not de-identify safely (dropped instead).
-        failed: u64,
+        slot: usize,
     },
 }
 
-pub struct SourceEncoder {
-    policy: Arc<Policy>,
-    prefix: Vec<u8>,
+/// What the policy does at each position of one field layout. Built once per policy and
+/// layout, and shared by every source that sends that layout: fifty devices on one profile
+/// use one plan, not fifty copies of a hundred steps.
+struct Plan {
+    /// Held so that the policy's address, part of the key the plan is found by, cannot be
+    /// reused by another policy while the plan exists.
+    _policy: Arc<Policy>,
     layout: Vec<Arc<str>>,
     steps: Vec<Step>,
     /// Outcome name per position of the layout.
     outcomes: Vec<&'static str>,
     tally: Tally,
-    /// Records encoded with the current layout since the last flush of the counts.
+    transforms: usize,
+}
+
+impl Plan {
+    fn new(policy: &Arc<Policy>, layout: Vec<Arc<str>>) -> Self {
+        let mut t = Tally {
+            records: 1,
+            ..Tally::default()
+        };
+        let mut transforms = 0;
+        let outcomes = layout
+            .iter()
+            .map(|f| policy.rule(f).map_or(NO_RULE, |r| r.action.name()))
+            .collect();
+        let steps = layout
+            .iter()
+            .map(|f| match policy.rule(f).map(|r| &r.action) {
+                None => {
+                    t.unlisted += 1;
+                    Step::Skip
+                }
+                Some(Action::Drop) => {
+                    t.dropped += 1;
+                    Step::Skip
+                }
+                Some(Action::Keep) => {
+                    t.kept += 1;
+                    Step::Keep { key: key(f) }
+                }
+                Some(action) => {
+                    t.masked += 1;
+                    transforms += 1;
+                    Step::Transform {
+                        key: key(f),
+                        action: action.clone(),
+                        slot: transforms - 1,
+                    }
+                }
+            })
+            .collect();
+        Plan {
+            _policy: policy.clone(),
+            layout,
+            steps,
+            outcomes,
+            tally: t,
+            transforms,
+        }
+    }
+
+    fn fits(&self, rec: &Record) -> bool {
+        self.layout.len() == rec.fields.len()
+            && self
+                .layout
+                .iter()
+                .zip(&rec.fields)
+                .all(|(a, f)| Arc::ptr_eq(a, &f.name) || **a == *f.name)
+    }
+}
+
+/// LayoutPlans by policy and layout, shared by the encoders of one batch stage. Consulted only when
+/// a source's layout changes.
+#[derive(Clone, Default)]
+pub struct LayoutPlans(Arc<Mutex<HashMap<PlanKey, Arc<Plan>>>>);
+
+/// A policy's address and a field layout.
+type PlanKey = (usize, Vec<Arc<str>>);
+
+impl LayoutPlans {
+    fn get(&self, policy: &Arc<Policy>, rec: &Record) -> Arc<Plan> {
+        let layout: Vec<Arc<str>> = rec.fields.iter().map(|f| f.name.clone()).collect();
+        // The policy's address tells policies apart (each plan holds its policy).
+        let k = (Arc::as_ptr(policy) as usize, layout);
+        // A poisoned lock only means another encoder panicked mid-insert: the map is intact.
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = map.get(&k) {
+            return p.clone();
+        }
+        let p = Arc::new(Plan::new(policy, k.1.clone()));
+        map.insert(k, p.clone());
+        p
+    }
+}
+
+/// One source's state for one de-identifying rule of its plan.
+#[derive(Default)]
+struct Seen {
+    /// The last text input and its output: tags repeat, so each is transformed once.
+    last: Option<Remembered>,
+    /// Records whose value this rule could not de-identify safely (dropped instead).
+    failed: u64,
+}
+
+pub struct SourceEncoder {
+    policy: Arc<Policy>,
+    plans: LayoutPlans,
+    prefix: Vec<u8>,
+    plan: Option<Arc<Plan>>,
+    seen: Vec<Seen>,
+    /// Records encoded with the current plan since the last flush of the counts.
     uses: u64,
     /// Positions whose rule failed on the last record (usually none).
     last_failed: Vec<usize>,
@@ -63,14 +165,19 @@ fn key(name: &str) -> Box<[u8]> {
 }
 
 impl SourceEncoder {
+    /// An encoder with plans of its own.
     pub fn new(source: &str, policy: Arc<Policy>) -> Self {
+        Self::with_plans(source, policy, LayoutPlans::default())
+    }
+
+    /// An encoder sharing `plans` with the other sources of the stage.
+    pub fn with_plans(source: &str, policy: Arc<Policy>, plans: LayoutPlans) -> Self {
         Self {
             policy,
+            plans,
             prefix: line_prefix(source),
-            layout: Vec::new(),
-            steps: Vec::new(),
-            outcomes: Vec::new(),
-            tally: Tally::default(),
+            plan: None,
+            seen: Vec::new(),
             uses: 0,
             last_failed: Vec::new(),
             pending: RuleCounts::new(),
@@ -84,18 +191,19 @@ impl SourceEncoder {
         for (k, v) in std::mem::take(&mut self.pending) {
             *into.entry(k).or_default() += v;
         }
+        let Some(plan) = &self.plan else { return };
         let keep = u64::from(except_last && self.uses > 0);
         let uses = self.uses - keep;
-        for (i, (name, outcome)) in self.layout.iter().zip(&self.outcomes).enumerate() {
-            let mut failed = match &mut self.steps[i] {
-                Step::Transform { failed, .. } => std::mem::take(failed),
+        for (i, (name, outcome)) in plan.layout.iter().zip(&plan.outcomes).enumerate() {
+            let mut failed = match &plan.steps[i] {
+                Step::Transform { slot, .. } => std::mem::take(&mut self.seen[*slot].failed),
                 _ => 0,
             };
             if keep == 1 && self.last_failed.contains(&i) {
                 // The carried record's failure stays with it.
                 failed -= 1;
-                if let Step::Transform { failed: f, .. } = &mut self.steps[i] {
-                    *f = 1;
+                if let Step::Transform { slot, .. } = &plan.steps[i] {
+                    self.seen[*slot].failed = 1;
                 }
             }
             if uses - failed > 0 {
@@ -108,76 +216,31 @@ impl SourceEncoder {
         self.uses = keep;
     }
 
-    fn same_layout(&self, rec: &Record) -> bool {
-        self.layout.len() == rec.fields.len()
-            && self
-                .layout
-                .iter()
-                .zip(&rec.fields)
-                .all(|(a, f)| Arc::ptr_eq(a, &f.name) || **a == *f.name)
-    }
-
-    fn plan(&mut self, rec: &Record) {
+    fn replan(&mut self, rec: &Record) {
         // The old layout's counts are kept for the next flush.
         let mut pending = std::mem::take(&mut self.pending);
         self.flush_counts(&mut pending, false);
         self.pending = pending;
-        let mut t = Tally {
-            records: 1,
-            ..Tally::default()
-        };
-        self.layout = rec.fields.iter().map(|f| f.name.clone()).collect();
-        self.outcomes = rec
-            .fields
-            .iter()
-            .map(|f| {
-                self.policy
-                    .rule(&f.name)
-                    .map_or(NO_RULE, |r| r.action.name())
-            })
-            .collect();
-        self.steps = rec
-            .fields
-            .iter()
-            .map(|f| match self.policy.rule(&f.name).map(|r| &r.action) {
-                None => {
-                    t.unlisted += 1;
-                    Step::Skip
-                }
-                Some(Action::Drop) => {
-                    t.dropped += 1;
-                    Step::Skip
-                }
-                Some(Action::Keep) => {
-                    t.kept += 1;
-                    Step::Keep { key: key(&f.name) }
-                }
-                Some(action) => {
-                    t.masked += 1;
-                    Step::Transform {
-                        key: key(&f.name),
-                        action: action.clone(),
-                        last: None,
-                        failed: 0,
-                    }
-                }
-            })
-            .collect();
-        self.tally = t;
+        let plan = self.plans.get(&self.policy, rec);
+        self.seen = (0..plan.transforms).map(|_| Seen::default()).collect();
+        self.plan = Some(plan);
     }
 
     /// Appends the record, de-identified, as one JSON line; returns what the policy did.
     pub fn encode(&mut self, rec: &Record, out: &mut Vec<u8>) -> Tally {
-        if !self.same_layout(rec) {
-            self.plan(rec);
+        if !self.plan.as_ref().is_some_and(|p| p.fits(rec)) {
+            self.replan(rec);
         }
+        let Some(plan) = &self.plan else {
+            return Tally::default();
+        };
         out.extend_from_slice(&self.prefix);
         write_ts_seq(rec.ts_ms, rec.seq, out);
         let mut first = true;
-        let mut tally = self.tally;
+        let mut tally = plan.tally;
         self.uses += 1;
         self.last_failed.clear();
-        for (i, (f, step)) in rec.fields.iter().zip(self.steps.iter_mut()).enumerate() {
+        for (i, (f, step)) in rec.fields.iter().zip(&plan.steps).enumerate() {
             match step {
                 Step::Skip => {}
                 Step::Keep { key } => {
@@ -185,19 +248,15 @@ impl SourceEncoder {
                     out.extend_from_slice(key);
                     write_value(&f.value, out);
                 }
-                Step::Transform {
-                    key,
-                    action,
-                    last,
-                    failed,
-                } => {
+                Step::Transform { key, action, slot } => {
+                    let seen = &mut self.seen[*slot];
                     let local;
                     let bytes = if let Value::Text(t) = &f.value {
                         // Text repeats (tags): transform once per distinct value.
-                        if !last.as_ref().is_some_and(|(seen, _)| Arc::ptr_eq(seen, t)) {
-                            *last = Some((t.clone(), render(action, &f.value)));
+                        if !seen.last.as_ref().is_some_and(|(s, _)| Arc::ptr_eq(s, t)) {
+                            seen.last = Some((t.clone(), render(action, &f.value)));
                         }
-                        last.as_ref().and_then(|(_, b)| b.as_deref())
+                        seen.last.as_ref().and_then(|(_, b)| b.as_deref())
                     } else {
                         local = render(action, &f.value);
                         local.as_deref()
@@ -212,7 +271,7 @@ impl SourceEncoder {
                         None => {
                             tally.masked -= 1;
                             tally.dropped += 1;
-                            *failed += 1;
+                            seen.failed += 1;
                             self.last_failed.push(i);
                         }
                     }
@@ -367,6 +426,29 @@ mod tests {
             );
             assert_eq!(t1, t2, "seq {seq}");
         }
+    }
+
+    #[test]
+    fn sources_with_one_layout_and_policy_share_one_plan() {
+        let plans = LayoutPlans::default();
+        let (p, q) = (policy(), policy());
+        let names: Vec<Arc<str>> = ["keep", "meter", "num"].map(Arc::from).to_vec();
+        let meter: Arc<str> = Arc::from("WTR-1201-000317");
+        let mut a = SourceEncoder::with_plans("a", p.clone(), plans.clone());
+        let mut b = SourceEncoder::with_plans("b", p, plans.clone());
+        let mut c = SourceEncoder::with_plans("c", q, plans);
+        let r = rec(1, &names, &meter);
+        let (mut x, mut y, mut z) = (Vec::new(), Vec::new(), Vec::new());
+        a.encode(&r, &mut x);
+        b.encode(&r, &mut y);
+        c.encode(&r, &mut z);
+        let plan = |e: &SourceEncoder| e.plan.clone().unwrap();
+        assert!(Arc::ptr_eq(&plan(&a), &plan(&b)));
+        // Another policy (even with the same rules) gets its own plan.
+        assert!(!Arc::ptr_eq(&plan(&a), &plan(&c)));
+        // `{"source":"a",` and `{"source":"b",`: the same line but for the source.
+        assert_eq!(x[15..], y[15..]);
+        assert_eq!(x.len(), y.len());
     }
 
     #[test]

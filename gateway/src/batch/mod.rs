@@ -14,7 +14,7 @@ use tokio::time::Instant;
 mod encode;
 mod json;
 
-pub use encode::{RuleCounts, SourceEncoder, DROPPED_UNSAFE, NO_RULE};
+pub use encode::{LayoutPlans, RuleCounts, SourceEncoder, DROPPED_UNSAFE, NO_RULE};
 pub use json::encode_line;
 
 use crate::collect::Record;
@@ -30,8 +30,13 @@ pub struct Batch {
     pub source_seqs: BTreeMap<Arc<str>, u64>,
     pub tally: Tally,
     /// What each source's policy did, per field and rule, over this batch's records.
-    pub rules: BTreeMap<Arc<str>, RuleCounts>,
+    pub rules: BatchRules,
 }
+
+/// Per source, its per-field, per-rule counts. Sources with the same counts (devices on one
+/// profile and policy, polled alike) share one map: fifty devices of a hundred points would
+/// otherwise hold 5000 entries per batch from closing to commit.
+pub type BatchRules = BTreeMap<Arc<str>, Arc<RuleCounts>>;
 
 const RECV_CHUNK: usize = 256;
 
@@ -148,10 +153,11 @@ pub async fn run(
     let mut batcher = Batcher::new(limits);
     // Policy and encoding fused per source (see encode.rs); a source without a policy (not
     // possible after validation) would send records with no fields.
+    let plans = LayoutPlans::default();
     let mut encoders: FastMap<Arc<str>, SourceEncoder> = policies
         .into_iter()
         .map(|(source, policy)| {
-            let e = SourceEncoder::new(&source, policy);
+            let e = SourceEncoder::with_plans(&source, policy, plans.clone());
             (source, e)
         })
         .collect();
@@ -174,9 +180,9 @@ pub async fn run(
         }
         let mut t = Tally::default();
         for rec in inbox.drain(..) {
-            let enc = encoders
-                .entry(rec.source.clone())
-                .or_insert_with(|| SourceEncoder::new(&rec.source, Arc::new(Policy::default())));
+            let enc = encoders.entry(rec.source.clone()).or_insert_with(|| {
+                SourceEncoder::with_plans(&rec.source, Arc::default(), plans.clone())
+            });
             let mut tally = Tally::default();
             let closed = batcher.push_with(&rec.source, rec.seq, |out| {
                 tally = enc.encode(&rec, out);
@@ -210,12 +216,22 @@ fn flush_rules(
     b: &mut Batch,
     carried: Option<&Arc<str>>,
 ) {
+    let mut distinct: Vec<Arc<RuleCounts>> = Vec::new();
     for (source, enc) in encoders.iter_mut() {
         let mut counts = RuleCounts::new();
         enc.flush_counts(&mut counts, carried.is_some_and(|c| c == source));
-        if !counts.is_empty() {
-            b.rules.insert(source.clone(), counts);
+        if counts.is_empty() {
+            continue;
         }
+        let shared = match distinct.iter().find(|d| ***d == counts) {
+            Some(d) => d.clone(),
+            None => {
+                let d = Arc::new(counts);
+                distinct.push(d.clone());
+                d
+            }
+        };
+        b.rules.insert(source.clone(), shared);
     }
 }
 

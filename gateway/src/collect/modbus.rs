@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub use super::points::ReadPlan;
 use super::points::{Read, ReadData};
 use super::{Field, Record};
-use crate::config::{PointConfig, RegisterKind, SourceConfig};
+use crate::config::{Config, PointConfig, RegisterKind, SourceConfig};
 use crate::stats::SourceStats;
 use crate::timefmt::now_ms;
 
@@ -40,7 +40,7 @@ pub struct ModbusTcpSource {
     pub unit: u8,
     pub interval: Duration,
     pub timeout: Duration,
-    pub plan: ReadPlan,
+    pub plan: Arc<ReadPlan>,
     pub tags: Vec<Field>,
     pub stats: Arc<SourceStats>,
     /// The gateway's totals, so losses reach the audit trail.
@@ -56,10 +56,9 @@ pub(crate) enum PollError {
 impl ModbusTcpSource {
     pub fn from_config(
         cfg: &SourceConfig,
-        points: &[PointConfig],
+        plan: Arc<ReadPlan>,
         stats: Arc<SourceStats>,
     ) -> Result<Self, String> {
-        let plan = plan_of(points)?;
         let address = cfg
             .address
             .clone()
@@ -237,7 +236,27 @@ impl Polled<'_> {
 }
 
 /// The read plan of a device's points, its problems in one message.
-pub(crate) fn plan_of(points: &[PointConfig]) -> Result<ReadPlan, String> {
+/// Read plans by profile: sources on one profile share one plan and its field names (fifty
+/// devices of a hundred points would otherwise hold fifty copies).
+#[derive(Default)]
+pub struct Plans(std::collections::HashMap<String, Arc<ReadPlan>>);
+
+impl Plans {
+    /// The plan for source `s` of `config`.
+    pub fn of(&mut self, config: &Config, s: &SourceConfig) -> Result<Arc<ReadPlan>, String> {
+        let Some(profile) = &s.profile else {
+            return plan_of(config.points_of(s)).map(Arc::new);
+        };
+        if let Some(p) = self.0.get(profile) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(plan_of(config.points_of(s))?);
+        self.0.insert(profile.clone(), p.clone());
+        Ok(p)
+    }
+}
+
+fn plan_of(points: &[PointConfig]) -> Result<ReadPlan, String> {
     ReadPlan::build(points).map_err(|e| {
         e.into_iter()
             .map(|(p, m)| format!("{p}: {m}"))

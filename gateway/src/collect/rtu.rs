@@ -20,7 +20,7 @@ use tokio_modbus::Slave;
 use tokio_serial::{DataBits, SerialPortBuilderExt as _, StopBits};
 use tokio_util::sync::CancellationToken;
 
-use super::modbus::{hand_on, plan_of, poll_plan, HandOn, PollError, Polled, ReadPlan};
+use super::modbus::{hand_on, poll_plan, HandOn, Plans, PollError, Polled, ReadPlan};
 use super::points::ReadData;
 use super::{Field, Record};
 use crate::config::{Config, Parity, SourceConfig, SourceKind};
@@ -63,7 +63,7 @@ pub struct RtuDevice {
     pub unit: u8,
     pub interval: Duration,
     pub timeout: Duration,
-    pub plan: ReadPlan,
+    pub plan: Arc<ReadPlan>,
     pub tags: Vec<Field>,
     pub stats: Arc<SourceStats>,
     pub next_seq: u64,
@@ -86,6 +86,7 @@ impl RtuBus {
         next_seq: impl Fn(&str) -> u64,
     ) -> Result<Vec<RtuBus>, String> {
         let mut buses: Vec<RtuBus> = Vec::new();
+        let mut plans = Plans::default();
         for s in config
             .sources
             .iter()
@@ -95,7 +96,7 @@ impl RtuBus {
                 .port
                 .clone()
                 .ok_or_else(|| format!("source {:?} has no port", s.id))?;
-            let plan = plan_of(config.points_of(s))?;
+            let plan = plans.of(config, s)?;
             let id: Arc<str> = Arc::from(s.id.as_str());
             let dev = RtuDevice {
                 stats: stats.source(&id),

@@ -213,7 +213,7 @@ impl Outbox {
             envelope,
             source_seqs,
             crate::policy::Tally::default(),
-            BTreeMap::new(),
+            Arc::default(),
         )
         .await
     }
@@ -229,7 +229,8 @@ impl Outbox {
         envelope: bytes::Bytes,
         source_seqs: BTreeMap<Arc<str>, u64>,
         tally: crate::policy::Tally,
-        rules: BTreeMap<Arc<str>, crate::batch::RuleCounts>,
+        // Shared: a commit that must be retried passes the same counts again.
+        rules: Arc<crate::batch::BatchRules>,
     ) -> Result<Evicted, OutboxError> {
         let quota = self.quota;
         // Low on disk: the buffer may not grow, only reuse the room that eviction frees.
@@ -443,22 +444,35 @@ fn read_depth(c: &mut Connection) -> rusqlite::Result<Depth> {
     )
 }
 
-/// `{source: {field: {rule: count}}}`.
-fn rules_json(rules: &BTreeMap<Arc<str>, crate::batch::RuleCounts>) -> serde_json::Value {
-    let mut out = serde_json::Map::new();
+/// `[{"sources": [..], "fields": {field: {rule: count}}}]`: sources whose counts are the same
+/// share one entry. Fifty devices on one profile polled alike make one entry of a hundred
+/// fields instead of fifty, which keeps the audit row (written with every batch) small next
+/// to the batch itself, and building it cheap in memory.
+fn rules_json(rules: &crate::batch::BatchRules) -> serde_json::Value {
+    let mut groups: BTreeMap<&crate::batch::RuleCounts, Vec<&str>> = BTreeMap::new();
     for (source, counts) in rules {
-        let mut fields = serde_json::Map::new();
-        for ((field, rule), n) in counts {
-            let e = fields
-                .entry(field.to_string())
-                .or_insert_with(|| serde_json::Value::Object(Default::default()));
-            if let serde_json::Value::Object(m) = e {
-                m.insert((*rule).to_string(), (*n).into());
-            }
-        }
-        out.insert(source.to_string(), serde_json::Value::Object(fields));
+        groups.entry(&**counts).or_default().push(source);
     }
-    serde_json::Value::Object(out)
+    let mut out: Vec<(Vec<&str>, serde_json::Value)> = groups
+        .into_iter()
+        .map(|(counts, sources)| {
+            let mut fields = serde_json::Map::new();
+            for ((field, rule), n) in counts {
+                let e = fields
+                    .entry(field.to_string())
+                    .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                if let serde_json::Value::Object(m) = e {
+                    m.insert((*rule).to_string(), (*n).into());
+                }
+            }
+            (sources, serde_json::Value::Object(fields))
+        })
+        .collect();
+    // In source order (each list is sorted, the lists are disjoint).
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.into_iter()
+        .map(|(sources, fields)| serde_json::json!({"sources": sources, "fields": fields}))
+        .collect()
 }
 
 /// One batch to commit, with what goes into the same transaction.
@@ -469,7 +483,7 @@ struct NewBatch<'a> {
     envelope: &'a [u8],
     source_seqs: &'a BTreeMap<Arc<str>, u64>,
     tally: &'a crate::policy::Tally,
-    rules: &'a BTreeMap<Arc<str>, crate::batch::RuleCounts>,
+    rules: &'a crate::batch::BatchRules,
     /// The file system is short of space: the buffer may not grow.
     low_disk: bool,
 }
@@ -568,6 +582,32 @@ fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evict
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_with_the_same_counts_share_one_audit_entry() {
+        let counts = |n: u64| -> Arc<crate::batch::RuleCounts> {
+            Arc::new(
+                [
+                    ((Arc::from("flow"), "keep"), n),
+                    ((Arc::from("meter"), "mask"), n),
+                ]
+                .into_iter()
+                .collect(),
+            )
+        };
+        let mut rules = BTreeMap::new();
+        rules.insert(Arc::from("dev-02"), counts(10));
+        rules.insert(Arc::from("dev-01"), counts(10));
+        rules.insert(Arc::from("dev-03"), counts(11));
+        let v = rules_json(&rules);
+        assert_eq!(
+            v,
+            serde_json::json!([
+                {"sources": ["dev-01", "dev-02"], "fields": {"flow": {"keep": 10}, "meter": {"mask": 10}}},
+                {"sources": ["dev-03"], "fields": {"flow": {"keep": 11}, "meter": {"mask": 11}}},
+            ])
+        );
+    }
 
     fn quota(max: u64) -> Quota {
         Quota {

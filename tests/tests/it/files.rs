@@ -159,7 +159,9 @@ async fn gbk_export_is_delivered_once_bad_rows_recorded_and_the_file_destroyed()
         audit
             .iter()
             .filter(|(k, _)| k == "batch_sealed")
-            .filter_map(|(_, d)| d["rules"]["billing"][field][outcome].as_u64())
+            .flat_map(|(_, d)| d["rules"].as_array().cloned().unwrap_or_default())
+            .filter(|g| g["sources"].as_array().unwrap().contains(&"billing".into()))
+            .filter_map(|g| g["fields"][field][outcome].as_u64())
             .sum()
     };
     assert_eq!(rule("id_card", "drop"), 300);
