@@ -216,23 +216,22 @@ impl SourceEncoder {
         self.uses = keep;
     }
 
-    fn replan(&mut self, rec: &Record) {
+    fn replan(&mut self, rec: &Record) -> Arc<Plan> {
         // The old layout's counts are kept for the next flush.
         let mut pending = std::mem::take(&mut self.pending);
         self.flush_counts(&mut pending, false);
         self.pending = pending;
         let plan = self.plans.get(&self.policy, rec);
         self.seen = (0..plan.transforms).map(|_| Seen::default()).collect();
-        self.plan = Some(plan);
+        self.plan = Some(plan.clone());
+        plan
     }
 
     /// Appends the record, de-identified, as one JSON line; returns what the policy did.
     pub fn encode(&mut self, rec: &Record, out: &mut Vec<u8>) -> Tally {
-        if !self.plan.as_ref().is_some_and(|p| p.fits(rec)) {
-            self.replan(rec);
-        }
-        let Some(plan) = &self.plan else {
-            return Tally::default();
+        let plan = match &self.plan {
+            Some(p) if p.fits(rec) => p.clone(),
+            _ => self.replan(rec),
         };
         out.extend_from_slice(&self.prefix);
         write_ts_seq(rec.ts_ms, rec.seq, out);
@@ -240,7 +239,7 @@ impl SourceEncoder {
         let mut tally = plan.tally;
         self.uses += 1;
         self.last_failed.clear();
-        for (i, (f, step)) in rec.fields.iter().zip(&plan.steps).enumerate() {
+        for (i, (f, step)) in rec.fields.iter().zip(plan.steps.iter()).enumerate() {
             match step {
                 Step::Skip => {}
                 Step::Keep { key } => {
