@@ -1,11 +1,11 @@
 //! Wires the stages into a running gateway (`shuyuan run`, the demo, the tests):
 //!
-//! sources ─(records, bounded)─▶ policy+batch ─(batches, bounded)─▶ seal+commit ─▶ outbox ◀─ uplink
+//! sources ─(records, bounded)─▶ policy+batch ─(batches, bounded)─▶ seal ─(sealed, bounded)─▶ commit ─▶ outbox ◀─ uplink
 //!
 //! Shutdown is one token. Sources stop on it; their channel closes, so the batch stage hands
-//! on its open batch and ends; the seal stage commits it and ends; the uplink pushes what it
-//! can within [`crate::uplink::FINAL_DRAIN`] and ends. Every task is awaited, with a grace
-//! limit that is logged when it runs out.
+//! on its open batch and ends; the seal stage seals it, its commit task commits it, and both
+//! end; the uplink pushes what it can within [`crate::uplink::FINAL_DRAIN`] and ends. Every
+//! task is awaited, with a grace limit that is logged when it runs out.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;

@@ -96,7 +96,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // cut them a little more but cost the polling daemon about 0.7 MiB of peak memory. Only
     // a new file takes it; an existing store keeps its page size.
     conn.execute_batch("PRAGMA page_size=1024")?;
-    // A checkpoint every 4000 pages (a WAL of at most about 2 MiB): pages rewritten between
+    // A checkpoint every 4000 pages (a WAL of a few MiB at most): pages rewritten between
     // checkpoints (the freed pages of acknowledged batches, reused) are copied back once.
     conn.execute_batch("PRAGMA wal_autocheckpoint=4000")?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;

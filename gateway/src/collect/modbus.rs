@@ -235,7 +235,6 @@ impl Polled<'_> {
     }
 }
 
-/// The read plan of a device's points, its problems in one message.
 /// Read plans by profile: sources on one profile share one plan and its field names (fifty
 /// devices of a hundred points would otherwise hold fifty copies).
 #[derive(Default)]
@@ -256,6 +255,7 @@ impl Plans {
     }
 }
 
+/// The read plan of a device's points, its problems in one message.
 fn plan_of(points: &[PointConfig]) -> Result<ReadPlan, String> {
     ReadPlan::build(points).map_err(|e| {
         e.into_iter()
