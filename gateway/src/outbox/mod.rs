@@ -115,6 +115,56 @@ pub struct Outbox {
     db: Db,
     quota: Quota,
     dir: Arc<std::path::PathBuf>,
+    /// Acknowledged batches still in the file: see [`Outbox::ack`].
+    held_acks: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+/// Acknowledgements held at most before they are written on their own.
+const ACKS_HELD: usize = 64;
+
+/// `1,2,3`: sequence numbers for an SQL `IN (..)` list (numbers only, never text).
+fn seq_list(seqs: &[u64]) -> String {
+    let mut out = String::new();
+    for (i, s) in seqs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(itoa::Buffer::new().format(*s));
+    }
+    out
+}
+
+/// Deletes one acknowledged batch and records it; `true` when it had been evicted while its
+/// upload was under way (then its eviction is taken back: it was not lost after all).
+fn ack_tx(tx: &rusqlite::Transaction<'_>, seq: u64) -> rusqlite::Result<bool> {
+    let deleted = tx.execute("DELETE FROM batches WHERE seq = ?1", [seq as i64])?;
+    audit::append(tx, "batch_acked", &serde_json::json!({ "seq": seq }))?;
+    if deleted > 0 {
+        return Ok(false);
+    }
+    let rec: Option<i64> = tx
+        .query_row(
+            "SELECT records FROM evicted WHERE seq = ?1",
+            [seq as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(records) = rec else {
+        return Ok(false);
+    };
+    tx.execute("DELETE FROM evicted WHERE seq = ?1", [seq as i64])?;
+    for (k, v) in [("evicted_batches", 1i64), ("evicted_records", records)] {
+        tx.execute(
+            "UPDATE meta SET value = value - ?2 WHERE key = ?1",
+            params![k, v],
+        )?;
+    }
+    audit::append(
+        tx,
+        "eviction_reversed",
+        &serde_json::json!({ "seq": seq, "records": records, "reason": "evicted while its upload was under way, then acknowledged: not lost" }),
+    )?;
+    Ok(true)
 }
 
 impl Outbox {
@@ -190,6 +240,7 @@ impl Outbox {
                 db,
                 quota,
                 dir: Arc::new(path.parent().unwrap_or(Path::new(".")).to_path_buf()),
+                held_acks: Arc::default(),
             },
             resume,
             handle,
@@ -243,8 +294,12 @@ impl Outbox {
                 "file system nearly full: the outbox treats its buffer as full"
             );
         }
-        self.db
-            .call(move |c| {
+        let acks = self.held().clone();
+        let (envelope, source_seqs, rules) = (Arc::new(envelope), Arc::new(source_seqs), rules);
+        let attempt = |acks: Vec<u64>| {
+            let (envelope, source_seqs, rules) =
+                (envelope.clone(), source_seqs.clone(), rules.clone());
+            self.db.call(move |c| {
                 let b = NewBatch {
                     seq,
                     created_ms,
@@ -254,10 +309,25 @@ impl Outbox {
                     tally: &tally,
                     rules: &rules,
                     low_disk,
+                    acks: &acks,
                 };
                 append_tx(c, quota, &b)
             })
-            .await?
+        };
+        match attempt(acks.clone()).await? {
+            // The held acknowledgements did not go in with the refused batch; written on
+            // their own they may make the room that was missing.
+            Err(OutboxError::Full { .. }) if !acks.is_empty() => {
+                self.flush_acks().await?;
+                attempt(Vec::new()).await?
+            }
+            r => {
+                if r.is_ok() {
+                    self.written(&acks);
+                }
+                r
+            }
+        }
     }
 
     /// Free bytes on the store's file system.
@@ -306,11 +376,12 @@ impl Outbox {
     /// The oldest pending batch with a sequence above `after`.
     pub async fn next_pending(&self, after: Option<u64>) -> Result<Option<Stored>, OutboxError> {
         let after = after.map_or(-1, |a| a as i64);
+        let held = seq_list(&self.held());
         Ok(self
             .db
             .call(move |c| {
                 c.query_row(
-                    "SELECT seq, records, envelope FROM batches WHERE state = 0 AND seq > ?1 ORDER BY seq LIMIT 1",
+                    &format!("SELECT seq, records, envelope FROM batches WHERE state = 0 AND seq > ?1 AND seq NOT IN ({held}) ORDER BY seq LIMIT 1"),
                     [after],
                     |r| {
                         Ok(Stored {
@@ -327,41 +398,79 @@ impl Outbox {
 
     /// The platform acknowledged the batch: it may go.
     ///
+    /// A commit of its own for each acknowledgement would write as many pages as the batch's
+    /// own commit, which doubles the wear of small batches on flash. So the deletion is held
+    /// and written with the next batch's commit, or with others once [`ACKS_HELD`] wait, or
+    /// at [`Outbox::flush_acks`] (shutdown). Held batches are not offered again nor counted
+    /// as pending. A crash before they are written costs only a re-send, which the platform
+    /// answers `duplicate`.
+    ///
     /// If the batch was evicted while it was being uploaded (the buffer filled up in the
     /// meantime), it was not lost after all: its eviction is taken back out of the counts,
     /// and `true` is returned.
     pub async fn ack(&self, seq: u64) -> Result<bool, OutboxError> {
-        Ok(self
+        let stored = self
             .db
-            .call(move |c| -> rusqlite::Result<bool> {
+            .call(move |c| {
+                c.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM batches WHERE seq = ?1)",
+                    [seq as i64],
+                    |r| r.get::<_, bool>(0),
+                )
+            })
+            .await??;
+        if !stored {
+            return Ok(self.write_acks(vec![seq]).await? > 0);
+        }
+        let full = {
+            let mut held = self.held();
+            held.push(seq);
+            held.len() >= ACKS_HELD
+        };
+        if full {
+            self.flush_acks().await?;
+        }
+        Ok(false)
+    }
+
+    /// Writes the held acknowledgements now.
+    pub async fn flush_acks(&self) -> Result<(), OutboxError> {
+        let seqs = self.held().clone();
+        if !seqs.is_empty() {
+            // An eviction taken back here raced the acknowledgement (rare): the store's
+            // counts are right; the running totals catch up at the next start.
+            self.write_acks(seqs).await?;
+        }
+        Ok(())
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        // A poisoned lock only means a panic elsewhere mid-push: the list is intact.
+        self.held_acks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets held acknowledgements once written.
+    fn written(&self, seqs: &[u64]) {
+        self.held().retain(|s| !seqs.contains(s));
+    }
+
+    /// Writes acknowledgements in one transaction; returns how many evictions they took back.
+    async fn write_acks(&self, seqs: Vec<u64>) -> Result<u64, OutboxError> {
+        let done = seqs.clone();
+        let reversed = self
+            .db
+            .call(move |c| -> rusqlite::Result<u64> {
                 let tx = c.transaction()?;
-                let deleted = tx.execute("DELETE FROM batches WHERE seq = ?1", [seq as i64])?;
-                audit::append(&tx, "batch_acked", &serde_json::json!({ "seq": seq }))?;
-                let mut was_evicted = false;
-                if deleted == 0 {
-                    let rec: Option<i64> = tx
-                        .query_row(
-                            "SELECT records FROM evicted WHERE seq = ?1",
-                            [seq as i64],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    if let Some(records) = rec {
-                        tx.execute("DELETE FROM evicted WHERE seq = ?1", [seq as i64])?;
-                        for (k, v) in [("evicted_batches", 1i64), ("evicted_records", records)] {
-                            tx.execute(
-                                "UPDATE meta SET value = value - ?2 WHERE key = ?1",
-                                params![k, v],
-                            )?;
-                        }
-                        audit::append(&tx, "eviction_reversed", &serde_json::json!({ "seq": seq, "records": records, "reason": "evicted while its upload was under way, then acknowledged: not lost" }))?;
-                        was_evicted = true;
-                    }
+                let mut reversed = 0;
+                for seq in seqs {
+                    reversed += u64::from(ack_tx(&tx, seq)?);
                 }
                 tx.commit()?;
-                Ok(was_evicted)
+                Ok(reversed)
             })
-            .await??)
+            .await??;
+        self.written(&done);
+        Ok(reversed)
     }
 
     /// Counts a failed attempt and remembers its cause (kind and status, never data).
@@ -394,7 +503,8 @@ impl Outbox {
     }
 
     pub async fn depth(&self) -> Result<Depth, OutboxError> {
-        Ok(self.db.call(read_depth).await??)
+        let held = seq_list(&self.held());
+        Ok(self.db.call(move |c| read_depth(c, &held)).await??)
     }
 }
 
@@ -429,9 +539,10 @@ fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<i64> {
     )
 }
 
-fn read_depth(c: &mut Connection) -> rusqlite::Result<Depth> {
+/// `held`: acknowledged batches not yet deleted (a [`seq_list`]), left out.
+fn read_depth(c: &mut Connection, held: &str) -> rusqlite::Result<Depth> {
     c.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(bytes), 0), MIN(created_ms), COALESCE(SUM(state = 1), 0) FROM batches",
+        &format!("SELECT COUNT(*), COALESCE(SUM(bytes), 0), MIN(created_ms), COALESCE(SUM(state = 1), 0) FROM batches WHERE seq NOT IN ({held})"),
         [],
         |r| {
             Ok(Depth {
@@ -486,6 +597,8 @@ struct NewBatch<'a> {
     rules: &'a crate::batch::BatchRules,
     /// The file system is short of space: the buffer may not grow.
     low_disk: bool,
+    /// Held acknowledgements, written in the same transaction.
+    acks: &'a [u64],
 }
 
 fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evicted, OutboxError> {
@@ -498,8 +611,13 @@ fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evict
         tally,
         rules,
         low_disk,
+        acks,
     } = *b;
     let tx = c.transaction()?;
+    // First, so that what they free counts toward the room for this batch.
+    for seq in acks {
+        ack_tx(&tx, *seq)?;
+    }
     let size = envelope.len() as u64;
     let mut used: u64 = tx.query_row("SELECT COALESCE(SUM(bytes), 0) FROM batches", [], |r| {
         r.get::<_, i64>(0)
@@ -635,6 +753,7 @@ mod tests {
         ob.ack(1).await.unwrap();
         ob.ack(2).await.unwrap();
         assert!(ob.next_pending(None).await.unwrap().is_none());
+        ob.flush_acks().await.unwrap();
         drop(ob);
         h.join().unwrap();
 
@@ -642,6 +761,66 @@ mod tests {
         assert_eq!(resume.last_seq, 2, "last_seq survives the rows being acked");
         assert_eq!(resume.source_seqs["pump"], 41);
         assert_eq!(ob.depth().await.unwrap().batches, 0);
+    }
+
+    fn rows(dir: &Path) -> Vec<i64> {
+        let c = Connection::open(dir.join("outbox.sqlite")).unwrap();
+        let mut st = c.prepare("SELECT seq FROM batches ORDER BY seq").unwrap();
+        let rows = st.query_map([], |r| r.get(0)).unwrap();
+        rows.map(|r| r.unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn acks_are_held_for_the_next_commit_and_a_crash_only_resends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _, h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
+        for seq in 1..=3 {
+            ob.append(seq, 0, 1, vec![0; 100].into(), BTreeMap::new())
+                .await
+                .unwrap();
+        }
+        ob.ack(1).await.unwrap();
+        // Held: still in the file, but neither offered again nor counted.
+        assert_eq!(rows(dir.path()), [1, 2, 3]);
+        assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 2);
+        assert_eq!(ob.depth().await.unwrap().batches, 2);
+        // Written with the next batch's commit, audited there.
+        ob.append(4, 0, 1, vec![0; 100].into(), BTreeMap::new())
+            .await
+            .unwrap();
+        assert_eq!(rows(dir.path()), [2, 3, 4]);
+        assert_eq!(
+            ob.audit_last("batch_acked").await.unwrap().unwrap()["seq"],
+            1
+        );
+        // A crash with an acknowledgement held: the batch is offered again after the start
+        // (the platform answers `duplicate`), nothing else is lost.
+        ob.ack(2).await.unwrap();
+        drop(ob);
+        h.join().unwrap();
+        let (ob, _, _h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
+        assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 2);
+        // Enough held acknowledgements are written on their own.
+        for seq in 2..=4 {
+            ob.ack(seq).await.unwrap();
+        }
+        let last = 5 + ACKS_HELD as u64;
+        for seq in 5..=last {
+            ob.append(seq, 0, 1, vec![0; 10].into(), BTreeMap::new())
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            rows(dir.path()).first(),
+            Some(&5),
+            "2 to 4 went with batch 5"
+        );
+        for seq in 5..last - 1 {
+            ob.ack(seq).await.unwrap();
+        }
+        assert_eq!(rows(dir.path()).len(), ACKS_HELD + 1, "held, one short");
+        ob.ack(last - 1).await.unwrap();
+        assert_eq!(rows(dir.path()), [last as i64]);
     }
 
     #[tokio::test]

@@ -168,6 +168,10 @@ impl Uplink {
                 State::Stopped => break,
             };
         }
+        // Acknowledgements held for the next commit (see `Outbox::ack`) are written now.
+        if let Err(e) = self.outbox.flush_acks().await {
+            tracing::error!("cannot record acknowledged batches (they will be sent again and acknowledged as duplicates): {e}");
+        }
         tracing::debug!("uplink stopped");
     }
 
