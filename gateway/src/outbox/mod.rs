@@ -295,7 +295,8 @@ impl Outbox {
             );
         }
         let acks = self.held().clone();
-        let (envelope, source_seqs, rules) = (Arc::new(envelope), Arc::new(source_seqs), rules);
+        // Shared with a second attempt (`Bytes` and `Arc` clones are cheap).
+        let source_seqs = Arc::new(source_seqs);
         let attempt = |acks: Vec<u64>| {
             let (envelope, source_seqs, rules) =
                 (envelope.clone(), source_seqs.clone(), rules.clone());
@@ -409,6 +410,8 @@ impl Outbox {
     /// meantime), it was not lost after all: its eviction is taken back out of the counts,
     /// and `true` is returned.
     pub async fn ack(&self, seq: u64) -> Result<bool, OutboxError> {
+        // A read, no write: a batch no longer stored was evicted during its upload, and the
+        // caller's counts must be corrected now, so that one is written at once.
         let stored = self
             .db
             .call(move |c| {
