@@ -109,8 +109,8 @@ impl Plan {
     }
 }
 
-/// LayoutPlans by policy and layout, shared by the encoders of one batch stage. Consulted only when
-/// a source's layout changes.
+/// Plans by policy and layout, shared by the encoders of one batch stage. Consulted only
+/// when a source's layout changes.
 #[derive(Clone, Default)]
 pub struct LayoutPlans(Arc<Mutex<HashMap<PlanKey, Arc<Plan>>>>);
 
