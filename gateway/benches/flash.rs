@@ -1,7 +1,8 @@
 //! Flash wear: bytes the outbox writes to storage per record, against the sealed size. Sealed
 //! batches of telemetry are committed and acknowledged (deleted) the way a running gateway
-//! does, and the process's write(2) bytes (`wchar` in /proc/self/io: SQLite's WAL, checkpoints
-//! and main-file writes) are compared with the envelope bytes.
+//! does, and the process's write(2) bytes (`wchar` in /proc/self/io: segment frames, SQLite's
+//! WAL, checkpoints and main-file writes) and block-layer bytes (`write_bytes`) are compared
+//! with the envelope bytes.
 //!
 //! Run: cargo bench -p shuyuan --bench flash
 
@@ -9,12 +10,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+use shuyuan::batch::{BatchRules, RuleCounts};
 use shuyuan::config::OnFull;
 use shuyuan::keys::Signer;
 use shuyuan::outbox::{Outbox, Quota};
+use shuyuan::policy::Tally;
 use shuyuan::seal::{derive_hpke_keypair, seal, BatchMeta};
 
 fn io(key: &str) -> u64 {
@@ -28,9 +32,9 @@ fn io(key: &str) -> u64 {
 }
 
 fn main() {
-    // Records per batch: one device polled every second for a minute (60), ten devices (600),
-    // fifty (3000).
-    for (records_per_batch, batches) in [(60u32, 3000u64), (600, 1000), (3000, 300)] {
+    // Records per batch: one device polled every second for a minute (60) or five (300), ten
+    // devices for a minute (600), fifty (3000).
+    for (records_per_batch, batches) in [(60u32, 3000u64), (300, 1000), (600, 1000), (3000, 300)] {
         run(records_per_batch, batches);
     }
 }
@@ -65,7 +69,24 @@ fn run(records_per_batch: u32, batches: u64) {
             let meta = BatchMeta { gateway_id: "GW-FLASH", seq, created_ms: 0, records: records_per_batch, pseudonym_key_id: "" };
             let env = seal(body.as_bytes(), &meta, &pk, &signer, 1).unwrap();
             sealed += env.len() as u64;
-            ob.append(seq, 0, records_per_batch, env.into(), BTreeMap::new()).await.unwrap();
+            // With what the daemon commits alongside: the source's last record number and the
+            // policy's counts (four fields kept, one masked), which go to the audit trail.
+            let mut source_seqs = BTreeMap::new();
+            source_seqs.insert(Arc::from("pump-station-3"), seq * u64::from(records_per_batch));
+            let n = u64::from(records_per_batch);
+            let counts: RuleCounts = [
+                ((Arc::from("flow_m3h"), "keep"), n),
+                ((Arc::from("pressure_kpa"), "keep"), n),
+                ((Arc::from("pump_running"), "keep"), n),
+                ((Arc::from("energy_kwh"), "keep"), n),
+                ((Arc::from("meter_no"), "mask"), n),
+            ]
+            .into_iter()
+            .collect();
+            let mut rules = BatchRules::new();
+            rules.insert(Arc::from("pump-station-3"), Arc::new(counts));
+            let tally = Tally { records: records_per_batch, kept: 4 * records_per_batch, masked: records_per_batch, dropped: 0, unlisted: 0 };
+            ob.append_audited(seq, 0, records_per_batch, env.into(), source_seqs, tally, Arc::new(rules)).await.unwrap();
             // The platform acks each batch soon after: the steady state of a healthy link.
             if seq > 2 {
                 ob.ack(seq - 2).await.unwrap();

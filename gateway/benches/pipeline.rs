@@ -1,7 +1,7 @@
 //! Pipeline throughput: synthetic utility records through the real stages (policy + batch
-//! task → seal + commit task → SQLite outbox file with synchronous=FULL), against the limit
-//! set by the two costliest stages alone (zstd level 1, then AES-256-GCM) on the same bytes,
-//! measured in the same run. Also: the policy stage alone, in field rules per second.
+//! task → seal task → commit task → the real outbox: a synced segment frame per batch, its
+//! SQLite index), against the limit set by the two costliest stages alone (zstd level 1, then
+//! AES-256-GCM) on the same bytes, measured in the same run. Also: the policy stage alone, in field rules per second.
 //!
 //! Run: cargo bench -p shuyuan --bench pipeline   (SHUYUAN_BENCH_RECORDS=N to change size)
 
@@ -396,7 +396,7 @@ fn main() {
         comp as f64 / t_aes.as_secs_f64() / 1e6
     );
     println!("limit (zstd + AES)      {limit:>12.0} records/s");
-    println!("pipeline                {pipe:>12.0} records/s  (policy+batch -> seal -> SQLite commit; {:.1} MiB stored)", stored as f64 / 1048576.0);
+    println!("pipeline                {pipe:>12.0} records/s  (policy+batch -> seal -> outbox commit; {:.1} MiB stored)", stored as f64 / 1048576.0);
     println!(
         "ratio pipeline / limit  {:>12.2}  (target >= 0.80)",
         pipe / limit

@@ -948,7 +948,7 @@ fn status_command(config_path: &std::path::Path, json: bool) -> anyhow::Result<E
                 .unwrap_or_default()
                 .into_iter()
                 .rev()
-                .find(|e| e.kind == "batch_acked")
+                .find(|e| e.kind == "batches_acked")
                 .map(|e| shuyuan::timefmt::rfc3339_ms(e.ts_ms));
             if json {
                 println!(

@@ -51,6 +51,16 @@ impl Db {
         path: &Path,
         init: impl FnOnce(&mut Connection) -> rusqlite::Result<()>,
     ) -> Result<(Self, JoinHandle<()>), DbError> {
+        Self::open_with_close(path, init, |_| {})
+    }
+
+    /// [`Db::open`], with `close` run on the connection once the last handle is gone, before
+    /// the connection closes (what a store holds in memory is written there).
+    pub fn open_with_close(
+        path: &Path,
+        init: impl FnOnce(&mut Connection) -> rusqlite::Result<()>,
+        close: impl FnOnce(&mut Connection) + Send + 'static,
+    ) -> Result<(Self, JoinHandle<()>), DbError> {
         let open_err = |source| DbError::Open {
             path: path.display().to_string(),
             source,
@@ -65,6 +75,7 @@ impl Db {
                 while let Some(job) = rx.blocking_recv() {
                     job(&mut conn);
                 }
+                close(&mut conn);
             })
             .map_err(|e| DbError::Open {
                 path: path.display().to_string(),
@@ -89,12 +100,12 @@ impl Db {
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // Small pages for flash: every commit writes each page it touches (the batch row, the
+    // Small pages for flash: every commit writes each page it touches (index rows, the
     // per-source sequences, `meta`, the audit row) once to the WAL and again at checkpoint,
-    // so the page size is the unit of wear. 1024-byte pages cut the bytes written per batch
-    // two- to threefold against 4096 for small batches (docs/benchmarks.md section 5); 512
-    // cut them a little more but cost the polling daemon about 0.7 MiB of peak memory. Only
-    // a new file takes it; an existing store keeps its page size.
+    // so the page size is the unit of wear. 1024-byte pages cut the bytes written two- to
+    // threefold against 4096 when the envelopes were stored here (docs/benchmarks.md section
+    // 5); 512 cut them a little more but cost the polling daemon about 0.7 MiB of peak
+    // memory. Only a new file takes it; an existing store keeps its page size.
     conn.execute_batch("PRAGMA page_size=1024")?;
     // A checkpoint every 4000 pages (a WAL of a few MiB at most): pages rewritten between
     // checkpoints (the freed pages of acknowledged batches, reused) are copied back once.

@@ -62,7 +62,33 @@ pub fn list(state_dir: &Path) -> Result<Vec<Row>, String> {
         })
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
         .map_err(|e| e.to_string())?;
+    let mut rows = rows;
+    rows.extend(unindexed(state_dir, &c)?.into_iter().map(|f| Row {
+        seq: f.seq,
+        created_ms: f.created_ms,
+        records: f.records,
+        bytes: f.envelope_len,
+        state: "pending",
+        attempts: 0,
+        last_error: None,
+    }));
     Ok(rows)
+}
+
+/// Batches written to segment files that the index does not hold yet (a running gateway
+/// indexes them in groups; a stopped one at its next start). Read only.
+fn unindexed(state_dir: &Path, c: &Connection) -> Result<Vec<super::segments::Frame>, String> {
+    let last: i64 = c
+        .query_row(
+            "SELECT MAX(COALESCE((SELECT value FROM meta WHERE key = 'last_seq'), 0), COALESCE((SELECT MAX(seq) FROM batches), 0))",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| e.to_string())?;
+    let (frames, _) =
+        super::segments::scan(&state_dir.join(super::segments::DIR), last as u64, false)
+            .map_err(|e| e.to_string())?;
+    Ok(frames)
 }
 
 /// Puts a quarantined batch back in the queue.
@@ -95,6 +121,9 @@ pub fn drop_batch(state_dir: &Path, seq: u64) -> Result<u32, String> {
         .optional()
         .map_err(|e| e.to_string())?;
     let Some(records) = records else {
+        if unindexed(state_dir, &tx)?.iter().any(|f| f.seq == seq) {
+            return Err(format!("batch {seq} was just written and is not indexed yet: try again in a minute, or after the gateway's next start"));
+        }
         return Err(format!("no batch {seq} (see: shuyuan outbox list)"));
     };
     tx.execute("DELETE FROM batches WHERE seq = ?1", [seq as i64])
@@ -151,13 +180,19 @@ pub fn purge(state_dir: &Path, key_files: &[std::path::PathBuf]) -> Result<Purge
     let mut c = open(state_dir, true)?;
     c.execute_batch("PRAGMA secure_delete=ON")
         .map_err(|e| e.to_string())?;
-    let (batches, records, bytes): (i64, i64, i64) = c
+    let (mut batches, mut records, mut bytes): (i64, i64, i64) = c
         .query_row(
             "SELECT COUNT(*), COALESCE(SUM(records), 0), COALESCE(SUM(bytes), 0) FROM batches",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .map_err(|e| e.to_string())?;
+    for f in unindexed(state_dir, &c)? {
+        batches += 1;
+        records += i64::from(f.records);
+        bytes += f.envelope_len as i64;
+    }
+    super::segments::wipe(&state_dir.join(super::segments::DIR)).map_err(|e| e.to_string())?;
     let tx = c.transaction().map_err(|e| e.to_string())?;
     tx.execute("DELETE FROM batches", [])
         .map_err(|e| e.to_string())?;
@@ -196,7 +231,7 @@ pub fn purge(state_dir: &Path, key_files: &[std::path::PathBuf]) -> Result<Purge
             "what": "buffered batches and key material destroyed irreversibly",
             "batches": out.batches, "records": out.records, "bytes": out.bytes,
             "key_files": out.key_files,
-            "how": "batches deleted with secure_delete and the database rebuilt (VACUUM); key files overwritten with zeros, synced and unlinked",
+            "how": "batches deleted with secure_delete and the database rebuilt (VACUUM); segment files and key files overwritten with zeros, synced and unlinked",
         }),
     )
     .map_err(|e| e.to_string())?;

@@ -40,7 +40,7 @@ pub fn append(c: &Connection, kind: &str, detail: &serde_json::Value) -> rusqlit
     append_at(c, crate::timefmt::now_ms(), kind, detail)
 }
 
-fn append_at(
+pub(crate) fn append_at(
     c: &Connection,
     ts: i64,
     kind: &str,

@@ -180,16 +180,20 @@ impl Outbox {
 
     /// The highest record sequence of `source` in a committed batch (0: none).
     pub async fn committed_seq(&self, source: String) -> Result<u64, OutboxError> {
+        let log = self.log.clone();
         Ok(self
             .db
-            .call(move |c| {
-                c.query_row(
-                    "SELECT seq FROM source_seq WHERE source = ?1",
-                    [&source],
-                    |r| r.get::<_, i64>(0),
-                )
-                .optional()
-                .map(|v| v.unwrap_or(0) as u64)
+            .call(move |c| -> rusqlite::Result<u64> {
+                let indexed = c
+                    .query_row(
+                        "SELECT seq FROM source_seq WHERE source = ?1",
+                        [&source],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .optional()?
+                    .unwrap_or(0) as u64;
+                let written = super::lock(&log).source_seq(&source).unwrap_or(0);
+                Ok(indexed.max(written))
             })
             .await??)
     }

@@ -1,9 +1,12 @@
-//! The outbox: the durable queue of sealed batches in SQLite (WAL, synchronous=FULL), owned
-//! by one thread ([`crate::db::Db`]).
+//! The outbox: the durable queue of sealed batches. The envelopes are in append-only segment
+//! files ([`segments`]); the index, the counters and the audit trail are in SQLite (WAL,
+//! synchronous=FULL), owned by one thread ([`crate::db::Db`]).
 //!
 //! Schema:
 //! - `batches(seq PRIMARY KEY, created_ms, records, bytes, envelope BLOB, state, attempts,
-//!   last_error)`: one row per sealed batch; `state` 0 = pending, 1 = quarantined.
+//!   last_error, seg, off)`: one row per sealed batch; `state` 0 = pending, 1 = quarantined.
+//!   The envelope is in segment `seg` at byte `off`, or in `envelope` when `seg` is NULL (a
+//!   quarantined batch, which must outlive its segment, or a store from before segments).
 //! - `source_seq(source PRIMARY KEY, seq)`: the highest record sequence per source that is
 //!   committed, so a restarted source continues without reusing numbers.
 //! - `meta(key PRIMARY KEY, value)`: `last_seq` (the highest batch seq ever committed, which
@@ -14,23 +17,29 @@
 //! the current Unix time in milliseconds (`seq_floor`), above anything the old one used, so the
 //! platform never takes a new batch for a duplicate.
 //!
-//! Invariants: a batch row, its source sequence updates and `last_seq` commit in one
-//! transaction; only sealed bytes are stored (nothing raw reaches the disk); a row is deleted
-//! only after the platform acked it, or by eviction under `on_full = "drop_oldest"`, which is
-//! counted in `meta`.
+//! Committing a batch is writing and syncing its frame: the frame carries the batch's record
+//! sequences and audit entry. Frames are indexed (row, `source_seq`, `last_seq`, audit entry,
+//! in one transaction) [`FOLD_AT`] at a time, with the held acknowledgements, or at once when
+//! the buffer is short of room, an upload fails, or the store closes; frames not indexed when
+//! the process dies are indexed from the files at the next start. Only sealed bytes are stored
+//! (nothing raw reaches the disk); a batch leaves only after the platform acked it, or by
+//! eviction under `on_full = "drop_oldest"`, which is counted in `meta`; a segment file is
+//! deleted when none of its batches is queued.
 
 pub mod admin;
 pub mod audit;
 pub mod files;
+pub mod segments;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::config::OnFull;
 use crate::db::{Db, DbError};
+use segments::{Frame, SegmentError, Writer};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS batches (
@@ -41,7 +50,9 @@ CREATE TABLE IF NOT EXISTS batches (
     envelope   BLOB    NOT NULL,
     state      INTEGER NOT NULL DEFAULT 0,
     attempts   INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
+    last_error TEXT,
+    seg        INTEGER,
+    off        INTEGER
 );
 CREATE TABLE IF NOT EXISTS source_seq (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -54,6 +65,8 @@ pub enum OutboxError {
     Db(#[from] DbError),
     #[error("the outbox is full ({used} of {max} bytes) and on_full = \"pause\"")]
     Full { used: u64, max: u64 },
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
 }
 
 impl From<rusqlite::Error> for OutboxError {
@@ -116,7 +129,219 @@ pub struct Outbox {
     quota: Quota,
     dir: Arc<std::path::PathBuf>,
     /// Acknowledged batches still in the file: see [`Outbox::ack`].
-    held_acks: Arc<std::sync::Mutex<Vec<u64>>>,
+    held_acks: Arc<Mutex<Vec<u64>>>,
+    log: SharedLog,
+}
+
+/// A queued batch's row: seq, records, envelope (empty when in a segment), seg, off.
+type QueuedRow = (i64, u32, Vec<u8>, Option<i64>, Option<i64>);
+
+/// Frames written but not indexed: at most this many before they are indexed together (an
+/// index commit writes a few pages whatever it holds: shared by 64 batches, its cost is a few
+/// per cent of even a 1 KiB batch).
+const FOLD_AT: usize = 64;
+
+/// Nor for longer than this (the trail of a slow gateway is at most an hour behind).
+const INDEX_LAG_MAX_MS: i64 = 3_600_000;
+
+/// The segment files and the frames the index does not hold yet. Used on the store's thread.
+struct Log {
+    dir: PathBuf,
+    writer: Writer,
+    unfolded: Vec<Frame>,
+}
+
+type SharedLog = Arc<Mutex<Log>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere mid-update of plain data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Log {
+    fn queued_bytes(&self) -> u64 {
+        self.unfolded.iter().map(|f| f.envelope_len).sum()
+    }
+
+    /// The highest record sequence of `source` among the frames not indexed yet.
+    fn source_seq(&self, source: &str) -> Option<u64> {
+        self.unfolded
+            .iter()
+            .filter_map(|f| {
+                let meta: serde_json::Value = serde_json::from_str(&f.meta).ok()?;
+                meta["s"][source].as_u64()
+            })
+            .max()
+    }
+}
+
+/// Segment files of at most this size (a file is deleted whole: the smaller, the sooner).
+fn segment_max(quota: &Quota) -> u64 {
+    (quota.max_bytes / 16).clamp(64 << 10, 4 << 20)
+}
+
+/// Indexes written frames: their rows and record sequences, and one audit entry for them all
+/// (`batches_sealed`: their sequence numbers as runs, and the sums of their counts).
+fn fold_tx(tx: &rusqlite::Transaction<'_>, frames: &[Frame]) -> rusqlite::Result<()> {
+    let mut seqs = Vec::new();
+    let (mut records, mut bytes, mut tally, mut written_ms) = (0u64, 0u64, [0u64; 4], 0i64);
+    let mut rules = GroupedRules::new();
+    for f in frames {
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO batches(seq, created_ms, records, bytes, envelope, seg, off) VALUES (?1, ?2, ?3, ?4, x'', ?5, ?6)",
+            params![f.seq as i64, f.created_ms, f.records, f.envelope_len as i64, f.seg as i64, f.off as i64],
+        )?;
+        if n == 0 {
+            continue;
+        }
+        seqs.push(f.seq);
+        records += u64::from(f.records);
+        bytes += f.envelope_len;
+        written_ms = written_ms.max(f.written_ms);
+        // Written by this program just before: a frame whose meta does not parse (it passed
+        // its checksum) is still a batch; only its counts are missing from the trail.
+        let meta: serde_json::Value = serde_json::from_str(&f.meta).unwrap_or_default();
+        if let Some(seqs) = meta["s"].as_object() {
+            for (source, s) in seqs {
+                if let Some(s) = s.as_u64() {
+                    tx.execute(
+                        "INSERT INTO source_seq(source, seq) VALUES (?1, ?2) ON CONFLICT(source) DO UPDATE SET seq = MAX(seq, ?2)",
+                        params![source, s as i64],
+                    )?;
+                }
+            }
+        }
+        for (i, t) in tally.iter_mut().enumerate() {
+            *t += meta["t"][i].as_u64().unwrap_or(0);
+        }
+        merge_rules(&mut rules, &meta["r"]);
+    }
+    let Some(&last) = seqs.last() else {
+        return Ok(());
+    };
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES ('last_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
+        [last as i64],
+    )?;
+    let rules: Vec<serde_json::Value> = rules
+        .into_iter()
+        .map(|(sources, fields)| serde_json::json!({"sources": sources, "fields": fields}))
+        .collect();
+    audit::append_at(
+        tx,
+        written_ms,
+        "batches_sealed",
+        &serde_json::json!({
+            "seqs": seq_ranges(&seqs), "batches": seqs.len(), "records": records, "bytes": bytes,
+            "fields_kept": tally[0], "fields_deidentified": tally[1],
+            "fields_dropped": tally[2], "fields_without_rule": tally[3],
+            "rules": rules,
+        }),
+    )?;
+    Ok(())
+}
+
+/// Per group of sources (as [`rules_json`] writes them), per field and outcome, a count.
+type GroupedRules = BTreeMap<Vec<String>, BTreeMap<String, BTreeMap<String, u64>>>;
+
+/// Adds one batch's [`rules_json`] to `acc`. Groups are merged by their list of sources, not
+/// split per source: fifty devices stay one group however many batches are summed. A source
+/// that was grouped differently in some batch (it missed a poll) is in two groups; its counts
+/// are the sum over the groups naming it.
+fn merge_rules(acc: &mut GroupedRules, rules: &serde_json::Value) {
+    for g in rules.as_array().into_iter().flatten() {
+        let sources: Vec<String> = g["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect();
+        let group = acc.entry(sources).or_default();
+        for (field, outcomes) in g["fields"].as_object().into_iter().flatten() {
+            let counts = group.entry(field.clone()).or_default();
+            for (outcome, n) in outcomes.as_object().into_iter().flatten() {
+                *counts.entry(outcome.clone()).or_default() += n.as_u64().unwrap_or(0);
+            }
+        }
+    }
+}
+
+/// Indexes the frames not indexed yet and writes `acks`, in one transaction; returns how many
+/// evictions the acknowledgements took back.
+fn sync(c: &mut Connection, log: &mut Log, acks: &[u64]) -> Result<u64, OutboxError> {
+    let tx = c.transaction()?;
+    fold_tx(&tx, &log.unfolded)?;
+    let reversed = acks_tx(&tx, acks)?;
+    tx.commit()?;
+    log.unfolded.clear();
+    tidy(c, log);
+    Ok(reversed)
+}
+
+/// Deletes the segment files no queued batch needs (a failure only delays it).
+fn tidy(c: &Connection, log: &Log) {
+    let indexed: rusqlite::Result<Option<i64>> = c
+        .query_row(
+            "SELECT seq FROM batches WHERE seg IS NOT NULL ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional();
+    let Ok(indexed) = indexed else { return };
+    let live = [
+        indexed.map(|s| s as u64),
+        log.unfolded.first().map(|f| f.seq),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    if let Err(e) = segments::remove_unused(&log.dir, live, log.writer.current()) {
+        tracing::warn!("cannot remove a segment file no batch needs: {e}");
+    }
+}
+
+/// Quarantines a batch, its envelope copied into the index so that it outlives its segment.
+fn quarantine_tx(
+    c: &mut Connection,
+    log: &mut Log,
+    seq: u64,
+    error: &str,
+    counts_attempt: bool,
+) -> Result<(), OutboxError> {
+    if log.unfolded.iter().any(|f| f.seq == seq) {
+        sync(c, log, &[])?;
+    }
+    let place: Option<(Option<i64>, Option<i64>)> = c
+        .query_row(
+            "SELECT seg, off FROM batches WHERE seq = ?1",
+            [seq as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let envelope = match place {
+        Some((Some(seg), Some(off))) => {
+            segments::read_envelope(&log.dir, seg as u64, off as u64, seq).ok()
+        }
+        _ => None,
+    };
+    let tx = c.transaction()?;
+    tx.execute(
+        "UPDATE batches SET state = 1, attempts = attempts + ?3, last_error = ?2 WHERE seq = ?1",
+        params![seq as i64, error, i64::from(counts_attempt)],
+    )?;
+    if let Some(envelope) = envelope {
+        tx.execute(
+            "UPDATE batches SET envelope = ?2, seg = NULL, off = NULL WHERE seq = ?1",
+            params![seq as i64, envelope],
+        )?;
+    }
+    audit::append(
+        &tx,
+        "batch_quarantined",
+        &serde_json::json!({ "seq": seq, "error": error }),
+    )?;
+    tx.commit()?;
+    Ok(())
 }
 
 /// Acknowledgements held at most before they are written on their own.
@@ -134,11 +359,44 @@ fn seq_list(seqs: &[u64]) -> String {
     out
 }
 
-/// Deletes one acknowledged batch and records it; `true` when it had been evicted while its
-/// upload was under way (then its eviction is taken back: it was not lost after all).
+/// Writes acknowledgements: the batches deleted, one audit entry for all of them. Returns
+/// how many had been evicted while their upload was under way (their evictions are taken
+/// back: they were not lost after all).
+fn acks_tx(tx: &rusqlite::Transaction<'_>, seqs: &[u64]) -> rusqlite::Result<u64> {
+    if seqs.is_empty() {
+        return Ok(0);
+    }
+    let mut reversed = 0;
+    for seq in seqs {
+        reversed += u64::from(ack_tx(tx, *seq)?);
+    }
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    audit::append(
+        tx,
+        "batches_acked",
+        &serde_json::json!({ "seqs": seq_ranges(&sorted), "batches": seqs.len() }),
+    )?;
+    Ok(reversed)
+}
+
+/// `[[first, last], ..]`: sorted sequence numbers as runs.
+fn seq_ranges(sorted: &[u64]) -> Vec<[u64; 2]> {
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for &s in sorted {
+        match out.last_mut() {
+            Some(r) if r[1] + 1 == s => r[1] = s,
+            Some(r) if r[1] == s => {}
+            _ => out.push([s, s]),
+        }
+    }
+    out
+}
+
+/// Deletes one acknowledged batch; `true` when it had been evicted while its upload was under
+/// way.
 fn ack_tx(tx: &rusqlite::Transaction<'_>, seq: u64) -> rusqlite::Result<bool> {
     let deleted = tx.execute("DELETE FROM batches WHERE seq = ?1", [seq as i64])?;
-    audit::append(tx, "batch_acked", &serde_json::json!({ "seq": seq }))?;
     if deleted > 0 {
         return Ok(false);
     }
@@ -197,7 +455,7 @@ impl Outbox {
                 tracing::error!(
                     moved_to = %aside.display(),
                     restart_seq_at = floor,
-                    "outbox store could not be read ({e}); the sealed batches it held are lost; it was moved aside and a new one started"
+                    "outbox store could not be read ({e}); it was moved aside and a new one started; the batches still in the segment files are indexed again, any others it held are lost"
                 );
                 Self::open_checked(&path, quota, floor)
             }
@@ -213,34 +471,71 @@ impl Outbox {
         floor: u64,
     ) -> Result<(Self, Resume, std::thread::JoinHandle<()>), OutboxError> {
         let mut resume = Resume::default();
-        let (db, handle) = Db::open(path, |c| {
-            let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-            if check != "ok" {
-                return Err(rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-                    Some(format!("integrity check: {check}")),
-                ));
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let seg_dir = dir.join(segments::DIR);
+        let log: SharedLog = Arc::new(Mutex::new(Log {
+            dir: seg_dir.clone(),
+            writer: Writer::new(seg_dir.clone(), segment_max(&quota)),
+            unfolded: Vec::new(),
+        }));
+        let held_acks: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let (log_at_close, held_at_close) = (log.clone(), held_acks.clone());
+        // What is still in memory when the last handle goes (a stop) is written then, so a
+        // stopped gateway leaves everything indexed.
+        let close = move |c: &mut Connection| {
+            let acks = lock(&held_at_close).clone();
+            let mut log = lock(&log_at_close);
+            if log.unfolded.is_empty() && acks.is_empty() {
+                return;
             }
-            c.execute_batch(SCHEMA)?;
-            c.execute_batch(audit::SCHEMA)?;
-            c.execute_batch(files::SCHEMA)?;
-            if floor > 0 {
-                c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?1), ('seq_floor', ?1)", [floor as i64])?;
-                audit::append(
-                    c,
-                    "store_replaced",
-                    &serde_json::json!({ "reason": "the previous store could not be read; its sealed batches are lost", "numbering_restarts_at": floor }),
-                )?;
+            if let Err(e) = sync(c, &mut log, &acks) {
+                tracing::error!("cannot index the last batches at close (they are indexed at the next start): {e}");
             }
-            resume = read_resume(c)?;
-            Ok(())
-        })?;
+        };
+        let recover_log = log.clone();
+        let resume_at = &mut resume;
+        let (db, handle) = Db::open_with_close(
+            path,
+            move |c| {
+                let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+                if check != "ok" {
+                    return Err(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                        Some(format!("integrity check: {check}")),
+                    ));
+                }
+                c.execute_batch(SCHEMA)?;
+                add_segment_columns(c)?;
+                c.execute_batch(audit::SCHEMA)?;
+                c.execute_batch(files::SCHEMA)?;
+                if floor > 0 {
+                    c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?1), ('seq_floor', ?1)", [floor as i64])?;
+                    audit::append(
+                        c,
+                        "store_replaced",
+                        &serde_json::json!({ "reason": "the previous store could not be read; batches still in the segment files are indexed again, any others it held are lost", "numbering_restarts_at": floor }),
+                    )?;
+                }
+                // After a store was replaced every frame on disk is indexed again: its batches
+                // are not lost (those the platform had already are answered `duplicate`).
+                let after = if floor > 0 {
+                    0
+                } else {
+                    read_resume(c)?.last_seq
+                };
+                recover(c, &mut lock(&recover_log), after)?;
+                *resume_at = read_resume(c)?;
+                Ok(())
+            },
+            close,
+        )?;
         Ok((
             Self {
                 db,
                 quota,
-                dir: Arc::new(path.parent().unwrap_or(Path::new(".")).to_path_buf()),
-                held_acks: Arc::default(),
+                dir: Arc::new(dir),
+                held_acks,
+                log,
             },
             resume,
             handle,
@@ -300,6 +595,7 @@ impl Outbox {
         let attempt = |acks: Vec<u64>| {
             let (envelope, source_seqs, rules) =
                 (envelope.clone(), source_seqs.clone(), rules.clone());
+            let log = self.log.clone();
             self.db.call(move |c| {
                 let b = NewBatch {
                     seq,
@@ -312,7 +608,7 @@ impl Outbox {
                     low_disk,
                     acks: &acks,
                 };
-                append_tx(c, quota, &b)
+                append_tx(c, &mut lock(&log), quota, &b)
             })
         };
         match attempt(acks.clone()).await? {
@@ -320,14 +616,14 @@ impl Outbox {
             // their own they may make the room that was missing.
             Err(OutboxError::Full { .. }) if !acks.is_empty() => {
                 self.flush_acks().await?;
-                attempt(Vec::new()).await?
+                attempt(Vec::new()).await?.map(|(evicted, _)| evicted)
             }
-            r => {
-                if r.is_ok() {
+            r => r.map(|(evicted, indexed)| {
+                if indexed {
                     self.written(&acks);
                 }
-                r
-            }
+                evicted
+            }),
         }
     }
 
@@ -374,27 +670,63 @@ impl Outbox {
         Ok(self.db.call(move |c| audit::last_of(c, kind)).await??)
     }
 
-    /// The oldest pending batch with a sequence above `after`.
+    /// The oldest pending batch with a sequence above `after`. A batch whose frame cannot be
+    /// read back (damaged on disk) is quarantined with the reason, and the next one offered.
     pub async fn next_pending(&self, after: Option<u64>) -> Result<Option<Stored>, OutboxError> {
-        let after = after.map_or(-1, |a| a as i64);
-        let held = seq_list(&self.held());
-        Ok(self
-            .db
-            .call(move |c| {
-                c.query_row(
-                    &format!("SELECT seq, records, envelope FROM batches WHERE state = 0 AND seq > ?1 AND seq NOT IN ({held}) ORDER BY seq LIMIT 1"),
-                    [after],
-                    |r| {
-                        Ok(Stored {
-                            seq: r.get::<_, i64>(0)? as u64,
-                            records: r.get(1)?,
-                            envelope: bytes::Bytes::from(r.get::<_, Vec<u8>>(2)?),
-                        })
-                    },
-                )
-                .optional()
+        let held = self.held().clone();
+        let log = self.log.clone();
+        self.db
+            .call(move |c| -> Result<Option<Stored>, OutboxError> {
+                let held_list = seq_list(&held);
+                let mut after = after.map_or(-1, |a| a as i64);
+                // Bounded: each turn past the first quarantines one damaged batch.
+                for _ in 0..1000 {
+                    let row: Option<QueuedRow> = c
+                        .query_row(
+                            &format!("SELECT seq, records, envelope, seg, off FROM batches WHERE state = 0 AND seq > ?1 AND seq NOT IN ({held_list}) ORDER BY seq LIMIT 1"),
+                            [after],
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                        )
+                        .optional()?;
+                    let mut log = lock(&log);
+                    let (seq, records, seg, off) = match row {
+                        Some((seq, records, _, Some(seg), Some(off))) => {
+                            (seq as u64, records, seg as u64, off as u64)
+                        }
+                        Some((seq, records, envelope, _, _)) => {
+                            return Ok(Some(Stored {
+                                seq: seq as u64,
+                                records,
+                                envelope: envelope.into(),
+                            }))
+                        }
+                        None => match log
+                            .unfolded
+                            .iter()
+                            .find(|f| f.seq as i64 > after && !held.contains(&f.seq))
+                        {
+                            Some(f) => (f.seq, f.records, f.seg, f.off),
+                            None => return Ok(None),
+                        },
+                    };
+                    match segments::read_envelope(&log.dir, seg, off, seq) {
+                        Ok(envelope) => {
+                            return Ok(Some(Stored {
+                                seq,
+                                records,
+                                envelope: envelope.into(),
+                            }))
+                        }
+                        Err(e) => {
+                            tracing::error!(seq, "a queued batch cannot be read back ({e}): quarantined");
+                            quarantine_tx(c, &mut log, seq, &format!("damaged on disk: {e}"), false)?;
+                            after = seq as i64;
+                        }
+                    }
+                }
+                Ok(None)
             })
-            .await??)
+            .await?
     }
 
     /// The platform acknowledged the batch: it may go.
@@ -412,9 +744,13 @@ impl Outbox {
     pub async fn ack(&self, seq: u64) -> Result<bool, OutboxError> {
         // A read, no write: a batch no longer stored was evicted during its upload, and the
         // caller's counts must be corrected now, so that one is written at once.
+        let log = self.log.clone();
         let stored = self
             .db
             .call(move |c| {
+                if lock(&log).unfolded.iter().any(|f| f.seq == seq) {
+                    return Ok(true);
+                }
                 c.query_row(
                     "SELECT EXISTS(SELECT 1 FROM batches WHERE seq = ?1)",
                     [seq as i64],
@@ -447,9 +783,8 @@ impl Outbox {
         Ok(())
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        // A poisoned lock only means a panic elsewhere mid-push: the list is intact.
-        self.held_acks.lock().unwrap_or_else(|e| e.into_inner())
+    fn held(&self) -> MutexGuard<'_, Vec<u64>> {
+        lock(&self.held_acks)
     }
 
     /// Forgets held acknowledgements once written.
@@ -457,20 +792,14 @@ impl Outbox {
         self.held().retain(|s| !seqs.contains(s));
     }
 
-    /// Writes acknowledgements in one transaction; returns how many evictions they took back.
+    /// Writes acknowledgements in one transaction, with the frames not indexed yet; returns
+    /// how many evictions they took back.
     async fn write_acks(&self, seqs: Vec<u64>) -> Result<u64, OutboxError> {
         let done = seqs.clone();
+        let log = self.log.clone();
         let reversed = self
             .db
-            .call(move |c| -> rusqlite::Result<u64> {
-                let tx = c.transaction()?;
-                let mut reversed = 0;
-                for seq in seqs {
-                    reversed += u64::from(ack_tx(&tx, seq)?);
-                }
-                tx.commit()?;
-                Ok(reversed)
-            })
+            .call(move |c| sync(c, &mut lock(&log), &seqs))
             .await??;
         self.written(&done);
         Ok(reversed)
@@ -478,12 +807,18 @@ impl Outbox {
 
     /// Counts a failed attempt and remembers its cause (kind and status, never data).
     pub async fn attempt_failed(&self, seq: u64, error: String) -> Result<(), OutboxError> {
+        let log = self.log.clone();
         self.db
-            .call(move |c| {
+            .call(move |c| -> Result<(), OutboxError> {
+                let mut log = lock(&log);
+                if log.unfolded.iter().any(|f| f.seq == seq) {
+                    sync(c, &mut log, &[])?;
+                }
                 c.execute(
                     "UPDATE batches SET attempts = attempts + 1, last_error = ?2 WHERE seq = ?1",
                     params![seq as i64, error],
-                )
+                )?;
+                Ok(())
             })
             .await??;
         Ok(())
@@ -491,24 +826,78 @@ impl Outbox {
 
     /// The platform refused the batch for good: keep it aside for an operator.
     pub async fn quarantine(&self, seq: u64, error: String) -> Result<(), OutboxError> {
+        let log = self.log.clone();
         self.db
-            .call(move |c| -> rusqlite::Result<()> {
-                let tx = c.transaction()?;
-                tx.execute(
-                    "UPDATE batches SET state = 1, attempts = attempts + 1, last_error = ?2 WHERE seq = ?1",
-                    params![seq as i64, &error],
-                )?;
-                audit::append(&tx, "batch_quarantined", &serde_json::json!({ "seq": seq, "error": error }))?;
-                tx.commit()
-            })
+            .call(move |c| quarantine_tx(c, &mut lock(&log), seq, &error, true))
             .await??;
         Ok(())
     }
 
     pub async fn depth(&self) -> Result<Depth, OutboxError> {
-        let held = seq_list(&self.held());
-        Ok(self.db.call(move |c| read_depth(c, &held)).await??)
+        let held = self.held().clone();
+        let log = self.log.clone();
+        Ok(self
+            .db
+            .call(move |c| -> rusqlite::Result<Depth> {
+                let mut d = read_depth(c, &seq_list(&held))?;
+                for f in lock(&log)
+                    .unfolded
+                    .iter()
+                    .filter(|f| !held.contains(&f.seq))
+                {
+                    d.batches += 1;
+                    d.bytes += f.envelope_len;
+                    d.oldest_ms = Some(d.oldest_ms.map_or(f.created_ms, |o| o.min(f.created_ms)));
+                }
+                Ok(d)
+            })
+            .await??)
     }
+}
+
+/// Adds `seg` and `off` to a store made before segment files.
+fn add_segment_columns(c: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = c.prepare("PRAGMA table_info(batches)")?;
+    let cols = stmt
+        .query_map([], |r| r.get::<_, String>(1))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if !cols.iter().any(|c| c == "seg") {
+        c.execute_batch("ALTER TABLE batches ADD COLUMN seg INTEGER; ALTER TABLE batches ADD COLUMN off INTEGER;")?;
+    }
+    Ok(())
+}
+
+/// Indexes the frames above `after` that the index lacks (the process stopped before it
+/// wrote them) and cuts each segment file where it stops making sense (a frame cut short by a
+/// power loss, or damage), putting on the trail what was cut.
+fn recover(c: &mut Connection, log: &mut Log, after: u64) -> rusqlite::Result<()> {
+    let as_sql = |e: SegmentError| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
+    let (frames, damage) = segments::scan(&log.dir, after, true).map_err(as_sql)?;
+    for d in &damage {
+        let file = log.dir.join(segments::file_name(d.seg));
+        tracing::error!(
+            file = %file.display(), at_byte = d.off, bytes_cut = d.cut_bytes,
+            "segment file holds a damaged or incomplete frame ({}); a batch in it or in the bytes cut is lost", d.error
+        );
+        audit::append(
+            c,
+            "segment_damaged",
+            &serde_json::json!({ "file": file.display().to_string(), "at_byte": d.off, "bytes_cut": d.cut_bytes, "why": d.error }),
+        )?;
+    }
+    if !frames.is_empty() {
+        tracing::info!(
+            batches = frames.len(),
+            "indexing batches written before the last stop"
+        );
+        log.unfolded = frames;
+        sync(c, log, &[]).map_err(|e| match e {
+            OutboxError::Db(DbError::Sql(e)) => e,
+            e => rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
+    }
+    tidy(c, log);
+    Ok(())
 }
 
 fn read_resume(c: &Connection) -> rusqlite::Result<Resume> {
@@ -604,7 +993,14 @@ struct NewBatch<'a> {
     acks: &'a [u64],
 }
 
-fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evicted, OutboxError> {
+/// Commits one batch: its frame written and synced. Returns the batches evicted for it, and
+/// whether the held acknowledgements (`b.acks`) were written with it.
+fn append_tx(
+    c: &mut Connection,
+    log: &mut Log,
+    quota: Quota,
+    b: &NewBatch<'_>,
+) -> Result<(Evicted, bool), OutboxError> {
     let NewBatch {
         seq,
         created_ms,
@@ -616,12 +1012,41 @@ fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evict
         low_disk,
         acks,
     } = *b;
-    let tx = c.transaction()?;
-    // First, so that what they free counts toward the room for this batch.
-    for seq in acks {
-        ack_tx(&tx, *seq)?;
-    }
     let size = envelope.len() as u64;
+    let seqs: BTreeMap<&str, u64> = source_seqs.iter().map(|(k, v)| (&**k, *v)).collect();
+    // Short keys: the meta is written with every batch.
+    let meta = serde_json::json!({
+        "s": seqs,
+        "t": [tally.kept, tally.masked, tally.dropped, tally.unlisted],
+        "r": rules_json(rules),
+    })
+    .to_string();
+    let indexed: i64 = c.query_row("SELECT COALESCE(SUM(bytes), 0) FROM batches", [], |r| {
+        r.get(0)
+    })?;
+    if !low_disk && indexed as u64 + log.queued_bytes() + size <= quota.max_bytes {
+        let frame = log
+            .writer
+            .append(seq, created_ms, records, meta, envelope)?;
+        log.unfolded.push(frame);
+        let oldest = log.unfolded.first().map_or(0, |f| f.written_ms);
+        if log.unfolded.len() < FOLD_AT && crate::timefmt::now_ms() - oldest < INDEX_LAG_MAX_MS {
+            return Ok((Evicted::default(), false));
+        }
+        return match sync(c, log, acks) {
+            Ok(_) => Ok((Evicted::default(), true)),
+            Err(e) => {
+                // The batch is committed (its frame is on disk); the index catches up later.
+                tracing::warn!("cannot index written batches yet: {e}");
+                Ok((Evicted::default(), false))
+            }
+        };
+    }
+
+    // Short of room: the whole queue into the index first, so that eviction sees all of it.
+    let tx = c.transaction()?;
+    fold_tx(&tx, &log.unfolded)?;
+    acks_tx(&tx, acks)?;
     let mut used: u64 = tx.query_row("SELECT COALESCE(SUM(bytes), 0) FROM batches", [], |r| {
         r.get::<_, i64>(0)
     })? as u64;
@@ -672,32 +1097,24 @@ fn append_tx(c: &mut Connection, quota: Quota, b: &NewBatch<'_>) -> Result<Evict
             )?;
         }
     }
-    tx.execute(
-        "INSERT INTO batches(seq, created_ms, records, bytes, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![seq as i64, created_ms, records, size as i64, envelope],
-    )?;
-    tx.execute(
-        "INSERT INTO meta(key, value) VALUES ('last_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, ?1)",
-        [seq as i64],
-    )?;
-    for (source, s) in source_seqs {
-        tx.execute(
-            "INSERT INTO source_seq(source, seq) VALUES (?1, ?2) ON CONFLICT(source) DO UPDATE SET seq = MAX(seq, ?2)",
-            params![&**source, *s as i64],
-        )?;
+    let frame = log
+        .writer
+        .append(seq, created_ms, records, meta, envelope)?;
+    fold_tx(&tx, std::slice::from_ref(&frame))?;
+    match tx.commit() {
+        Ok(()) => {
+            log.unfolded.clear();
+            tidy(c, log);
+            Ok((evicted, true))
+        }
+        Err(e) => {
+            // The frame is on disk: the batch is committed, without the evictions; the index
+            // catches up later.
+            tracing::warn!("cannot index written batches yet: {e}");
+            log.unfolded.push(frame);
+            Ok((Evicted::default(), false))
+        }
     }
-    audit::append(
-        &tx,
-        "batch_sealed",
-        &serde_json::json!({
-            "seq": seq, "records": records, "bytes": size,
-            "fields_kept": tally.kept, "fields_deidentified": tally.masked,
-            "fields_dropped": tally.dropped, "fields_without_rule": tally.unlisted,
-            "rules": rules_json(rules),
-        }),
-    )?;
-    tx.commit()?;
-    Ok(evicted)
 }
 
 #[cfg(test)]
@@ -728,6 +1145,34 @@ mod tests {
                 {"sources": ["dev-03"], "fields": {"flow": {"keep": 11}, "meter": {"mask": 11}}},
             ])
         );
+    }
+
+    #[test]
+    fn batches_indexed_together_sum_their_counts_per_group_of_sources() {
+        let batch = |groups: serde_json::Value| -> serde_json::Value { groups };
+        let mut acc = GroupedRules::new();
+        merge_rules(
+            &mut acc,
+            &batch(serde_json::json!([
+                {"sources": ["a", "b"], "fields": {"flow": {"keep": 10}, "meter": {"mask": 10}}},
+            ])),
+        );
+        merge_rules(
+            &mut acc,
+            &batch(serde_json::json!([
+                {"sources": ["a", "b"], "fields": {"flow": {"keep": 5}, "meter": {"mask": 4, "dropped_unsafe": 1}}},
+                {"sources": ["c"], "fields": {"flow": {"keep": 7}}},
+            ])),
+        );
+        assert_eq!(acc.len(), 2);
+        let ab = &acc[&vec!["a".to_string(), "b".to_string()]];
+        assert_eq!(ab["flow"]["keep"], 15);
+        assert_eq!(
+            (ab["meter"]["mask"], ab["meter"]["dropped_unsafe"]),
+            (14, 1)
+        );
+        assert_eq!(acc[&vec!["c".to_string()]]["flow"]["keep"], 7);
+        assert_eq!(seq_ranges(&[3, 4, 5, 7, 9, 10]), [[3, 5], [7, 7], [9, 10]]);
     }
 
     fn quota(max: u64) -> Quota {
@@ -773,57 +1218,122 @@ mod tests {
         rows.map(|r| r.unwrap()).collect()
     }
 
+    fn segment_files(dir: &Path) -> Vec<u64> {
+        segments::list(&dir.join(segments::DIR)).unwrap()
+    }
+
     #[tokio::test]
-    async fn acks_are_held_for_the_next_commit_and_a_crash_only_resends() {
+    async fn frames_are_indexed_in_groups_with_held_acks_and_a_crash_only_resends() {
         let dir = tempfile::tempdir().unwrap();
-        let (ob, _, h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
-        for seq in 1..=3 {
-            ob.append(seq, 0, 1, vec![0; 100].into(), BTreeMap::new())
+        let (ob, _, _h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
+        for seq in 1..=3u64 {
+            ob.append(seq, 0, 1, vec![seq as u8; 100].into(), BTreeMap::new())
                 .await
                 .unwrap();
         }
+        // Committed in a segment file, not indexed yet: offered and counted all the same.
+        assert!(rows(dir.path()).is_empty());
+        assert_eq!(ob.depth().await.unwrap().batches, 3);
+        let first = ob.next_pending(None).await.unwrap().unwrap();
+        assert_eq!((first.seq, &first.envelope[..]), (1, &[1u8; 100][..]));
+        // Held: neither offered again nor counted.
         ob.ack(1).await.unwrap();
-        // Held: still in the file, but neither offered again nor counted.
-        assert_eq!(rows(dir.path()), [1, 2, 3]);
         assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 2);
         assert_eq!(ob.depth().await.unwrap().batches, 2);
-        // Written with the next batch's commit, audited there.
-        ob.append(4, 0, 1, vec![0; 100].into(), BTreeMap::new())
-            .await
-            .unwrap();
-        assert_eq!(rows(dir.path()), [2, 3, 4]);
+
+        // A crash: nothing written at close. The next start indexes the frames from the file,
+        // and the held acknowledgement costs only a re-send (the platform answers `duplicate`).
+        std::mem::forget(ob);
+        let (ob, resume, h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
+        assert_eq!(resume.last_seq, 3);
+        assert_eq!(resume.pending, 3);
+        assert_eq!(rows(dir.path()), [1, 2, 3]);
+        assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 1);
+        let sealed = ob.audit_last("batches_sealed").await.unwrap().unwrap();
+        assert_eq!(sealed["seqs"], serde_json::json!([[1, 3]]));
         assert_eq!(
-            ob.audit_last("batch_acked").await.unwrap().unwrap()["seq"],
-            1
+            (sealed["batches"].as_u64(), sealed["records"].as_u64()),
+            (Some(3), Some(3))
         );
-        // A crash with an acknowledgement held: the batch is offered again after the start
-        // (the platform answers `duplicate`), nothing else is lost.
-        ob.ack(2).await.unwrap();
-        drop(ob);
-        h.join().unwrap();
-        let (ob, _, _h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
-        assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 2);
-        // Enough held acknowledgements are written on their own.
-        for seq in 2..=4 {
+
+        // FOLD_AT frames are indexed together, with the acknowledgements held meanwhile.
+        for seq in 1..=3 {
             ob.ack(seq).await.unwrap();
         }
-        let last = 5 + ACKS_HELD as u64;
-        for seq in 5..=last {
+        let last = 3 + FOLD_AT as u64;
+        for seq in 4..=last {
             ob.append(seq, 0, 1, vec![0; 10].into(), BTreeMap::new())
                 .await
                 .unwrap();
         }
-        assert_eq!(
-            rows(dir.path()).first(),
-            Some(&5),
-            "2 to 4 went with batch 5"
-        );
-        for seq in 5..last - 1 {
+        let indexed = rows(dir.path());
+        assert_eq!((indexed.first(), indexed.len()), (Some(&4), FOLD_AT));
+        // ACKS_HELD acknowledgements are written on their own.
+        for seq in 4..4 + ACKS_HELD as u64 - 1 {
             ob.ack(seq).await.unwrap();
         }
-        assert_eq!(rows(dir.path()).len(), ACKS_HELD + 1, "held, one short");
-        ob.ack(last - 1).await.unwrap();
-        assert_eq!(rows(dir.path()), [last as i64]);
+        assert_eq!(rows(dir.path()).len(), FOLD_AT, "held, one short");
+        ob.ack(3 + ACKS_HELD as u64).await.unwrap();
+        assert_eq!(rows(dir.path()).len(), FOLD_AT - ACKS_HELD);
+        let acked = ob.audit_last("batches_acked").await.unwrap().unwrap();
+        assert_eq!(
+            acked["seqs"],
+            serde_json::json!([[4, 3 + ACKS_HELD as u64]])
+        );
+        // Only the file being appended to is left: every batch in the others is gone.
+        assert_eq!(segment_files(dir.path()).len(), 1);
+
+        // A stop indexes what is in memory.
+        ob.append(last + 1, 0, 1, vec![0; 10].into(), BTreeMap::new())
+            .await
+            .unwrap();
+        drop(ob);
+        h.join().unwrap();
+        assert_eq!(rows(dir.path()).last(), Some(&(last as i64 + 1)));
+    }
+
+    #[tokio::test]
+    async fn a_frame_damaged_on_disk_is_quarantined_and_the_queue_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _, h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
+        for seq in 1..=3u64 {
+            ob.append(seq, 0, 1, vec![seq as u8; 100].into(), BTreeMap::new())
+                .await
+                .unwrap();
+        }
+        drop(ob);
+        h.join().unwrap();
+        let c = Connection::open(dir.path().join("outbox.sqlite")).unwrap();
+        let (seg, off): (i64, i64) = c
+            .query_row("SELECT seg, off FROM batches WHERE seq = 2", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        drop(c);
+        let path = dir
+            .path()
+            .join(segments::DIR)
+            .join(segments::file_name(seg as u64));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[off as usize + 100] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+
+        let (ob, _, _h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();
+        assert_eq!(ob.next_pending(None).await.unwrap().unwrap().seq, 1);
+        assert_eq!(ob.next_pending(Some(1)).await.unwrap().unwrap().seq, 3);
+        let d = ob.depth().await.unwrap();
+        assert_eq!((d.batches, d.quarantined), (3, 1));
+        let listed = admin::list(dir.path()).unwrap();
+        let two = listed.iter().find(|r| r.seq == 2).unwrap();
+        assert_eq!(two.state, "quarantined");
+        assert!(
+            two.last_error
+                .as_deref()
+                .unwrap()
+                .contains("checksum mismatch"),
+            "{:?}",
+            two.last_error
+        );
     }
 
     #[tokio::test]
@@ -874,6 +1384,43 @@ mod tests {
 }
 
 #[cfg(test)]
+mod upgrade {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_store_from_before_segment_files_is_read_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Connection::open(dir.path().join("outbox.sqlite")).unwrap();
+        c.execute_batch(
+            "CREATE TABLE batches (seq INTEGER PRIMARY KEY, created_ms INTEGER NOT NULL, records INTEGER NOT NULL, bytes INTEGER NOT NULL, envelope BLOB NOT NULL, state INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT);
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO batches(seq, created_ms, records, bytes, envelope) VALUES (7, 0, 3, 4, x'01020304');
+             INSERT INTO meta VALUES ('last_seq', 7);",
+        )
+        .unwrap();
+        drop(c);
+        let q = Quota {
+            max_bytes: 1 << 20,
+            on_full: OnFull::DropOldest,
+            min_free_disk: 0,
+        };
+        let (ob, resume, _h) = Outbox::open(dir.path(), q).unwrap();
+        assert_eq!((resume.last_seq, resume.pending), (7, 1));
+        let old = ob.next_pending(None).await.unwrap().unwrap();
+        assert_eq!((old.seq, &old.envelope[..]), (7, &[1u8, 2, 3, 4][..]));
+        // New batches go to segment files behind it.
+        ob.append(8, 0, 1, vec![8; 50].into(), BTreeMap::new())
+            .await
+            .unwrap();
+        assert_eq!(ob.next_pending(Some(7)).await.unwrap().unwrap().seq, 8);
+        ob.ack(7).await.unwrap();
+        ob.ack(8).await.unwrap();
+        ob.flush_acks().await.unwrap();
+        assert_eq!(ob.depth().await.unwrap().batches, 0);
+    }
+}
+
+#[cfg(test)]
 mod corruption {
     use super::*;
 
@@ -886,7 +1433,8 @@ mod corruption {
     }
 
     #[tokio::test]
-    async fn a_damaged_store_is_moved_aside_and_numbering_restarts_above_it() {
+    async fn a_damaged_store_is_moved_aside_its_batches_indexed_again_and_numbering_restarts_above_it(
+    ) {
         for damage in ["garbage header", "truncated"] {
             let dir = tempfile::tempdir().unwrap();
             let (ob, _, h) = Outbox::open(dir.path(), quota()).unwrap();
@@ -917,7 +1465,10 @@ mod corruption {
                 "{damage}: numbering restarts above the old store"
             );
             assert_eq!(resume.source_floor, resume.last_seq);
-            assert_eq!(ob.depth().await.unwrap().batches, 0);
+            // The batches themselves were in the segment files: indexed again, not lost.
+            assert_eq!(ob.depth().await.unwrap().batches, 20, "{damage}");
+            let first = ob.next_pending(None).await.unwrap().unwrap();
+            assert_eq!((first.seq, first.envelope.len()), (1, 3000));
             let aside: Vec<_> = std::fs::read_dir(dir.path())
                 .unwrap()
                 .filter_map(|e| e.ok())

@@ -154,20 +154,6 @@ async fn gbk_export_is_delivered_once_bad_rows_recorded_and_the_file_destroyed()
         .find(|(k, _)| k == "file_rejected")
         .expect("the mismatched file is rejected on the trail");
     assert!(rejected.1["reason"].as_str().unwrap().contains("户号"));
-    // Per rule, over every sealed batch: exactly one outcome per row and field.
-    let rule = |field: &str, outcome: &str| -> u64 {
-        audit
-            .iter()
-            .filter(|(k, _)| k == "batch_sealed")
-            .flat_map(|(_, d)| d["rules"].as_array().cloned().unwrap_or_default())
-            .filter(|g| g["sources"].as_array().unwrap().contains(&"billing".into()))
-            .filter_map(|g| g["fields"][field][outcome].as_u64())
-            .sum()
-    };
-    assert_eq!(rule("id_card", "drop"), 300);
-    assert_eq!(rule("phone", "mask"), 300);
-    assert_eq!(rule("address", "generalize"), 300);
-    assert_eq!(rule("amount_yuan", "keep"), 300);
     assert!(
         spool.join("other.csv").exists(),
         "a rejected file stays for the operator"
@@ -210,6 +196,22 @@ async fn gbk_export_is_delivered_once_bad_rows_recorded_and_the_file_destroyed()
         !world.path().join("state/outbox.sqlite-wal").exists(),
         "the store's connection was closed at shutdown"
     );
+    // Per rule, over every sealed batch: exactly one outcome per row and field.
+    // Indexed in groups, at the latest when the store closes.
+    let audit = audit_kinds(&world);
+    let rule = |field: &str, outcome: &str| -> u64 {
+        audit
+            .iter()
+            .filter(|(k, _)| k == "batches_sealed")
+            .flat_map(|(_, d)| d["rules"].as_array().cloned().unwrap_or_default())
+            .filter(|g| g["sources"].as_array().unwrap().contains(&"billing".into()))
+            .filter_map(|g| g["fields"][field][outcome].as_u64())
+            .sum()
+    };
+    assert_eq!(rule("id_card", "drop"), 300);
+    assert_eq!(rule("phone", "mask"), 300);
+    assert_eq!(rule("address", "generalize"), 300);
+    assert_eq!(rule("amount_yuan", "keep"), 300);
     rx.shutdown().await;
 }
 
