@@ -204,16 +204,27 @@ fn run_pipeline(pool: &[Record], n: usize, policy: &Arc<Policy>) -> (Duration, u
         tokio::spawn(sealer.run(brx, CancellationToken::new(), sealed_all.clone()));
         // The producer stands in for the sources. The records are made before the clock
         // starts (making them is the sources' work, not the pipeline's); handing them over
-        // the bounded channel and freeing them after encoding are timed.
-        for r in input {
-            rtx.send(r).await.unwrap();
-        }
+        // the bounded channel and freeing them after encoding are timed. It hands them over
+        // as the daemon's one high-rate source (files) does: room for a chunk of 256
+        // reserved at once (a Modbus device sends one record a poll, far below these rates).
+        send_chunked(&rtx, input).await;
         drop(rtx);
         sealed_all.cancelled().await;
         let took = start.elapsed();
         let bytes = outbox.depth().await.unwrap().bytes;
         (took, bytes)
     })
+}
+
+/// Hands `input` over in chunks of 256 with one reservation each, as the file source does.
+async fn send_chunked(tx: &mpsc::Sender<Record>, input: Vec<Record>) {
+    let mut input = input.into_iter().peekable();
+    while input.peek().is_some() {
+        let permits = tx.reserve_many(256.min(input.len())).await.unwrap();
+        for (permit, r) in permits.zip(&mut input) {
+            permit.send(r);
+        }
+    }
 }
 
 /// The pipeline's first hand-off alone: the same records over the same bounded channel to a
@@ -234,9 +245,7 @@ fn run_handoff(pool: &[Record], n: usize) -> Duration {
                 chunk.clear();
             }
         });
-        for r in input {
-            tx.send(r).await.unwrap();
-        }
+        send_chunked(&tx, input).await;
         drop(tx);
         taker.await.unwrap();
         start.elapsed()

@@ -180,9 +180,15 @@ pub async fn run(
         }
         let mut t = Tally::default();
         for rec in inbox.drain(..) {
-            let enc = encoders.entry(rec.source.clone()).or_insert_with(|| {
-                SourceEncoder::with_plans(&rec.source, Arc::default(), plans.clone())
-            });
+            // Looked up by reference: `entry` would take (and drop) a clone of the name per
+            // record, two atomic operations on a count every source's records share.
+            if !encoders.contains_key(&rec.source) {
+                let e = SourceEncoder::with_plans(&rec.source, Arc::default(), plans.clone());
+                encoders.insert(rec.source.clone(), e);
+            }
+            let Some(enc) = encoders.get_mut(&rec.source) else {
+                unreachable!("inserted above")
+            };
             let mut tally = Tally::default();
             let closed = batcher.push_with(&rec.source, rec.seq, |out| {
                 tally = enc.encode(&rec, out);
