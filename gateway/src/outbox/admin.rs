@@ -41,6 +41,9 @@ fn open(state_dir: &Path, write: bool) -> Result<Connection, String> {
 
 pub fn list(state_dir: &Path) -> Result<Vec<Row>, String> {
     let c = open(state_dir, false)?;
+    // One snapshot for the rows and the index's last sequence number: a running gateway that
+    // indexes frames between two reads would otherwise hide them from both.
+    let c = c.unchecked_transaction().map_err(|e| e.to_string())?;
     let mut stmt = c
         .prepare("SELECT seq, created_ms, records, bytes, state, attempts, last_error FROM batches ORDER BY seq")
         .map_err(|e| e.to_string())?;
@@ -72,6 +75,8 @@ pub fn list(state_dir: &Path) -> Result<Vec<Row>, String> {
         attempts: 0,
         last_error: None,
     }));
+    drop(stmt);
+    c.finish().map_err(|e| e.to_string())?;
     Ok(rows)
 }
 
