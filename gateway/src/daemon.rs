@@ -8,7 +8,7 @@
 //! task is awaited, with a grace limit that is logged when it runs out.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -507,13 +507,22 @@ impl Sealer {
             signer,
         };
         let (to_commit, committing) = mpsc::channel(COMMIT_QUEUE);
+        let full_at_stop = Arc::new(AtomicBool::new(false));
         let committer = Committer {
             outbox,
             wake,
-            stats,
+            stats: stats.clone(),
+            full_at_stop: full_at_stop.clone(),
         };
         let committer = tokio::spawn(committer.run(committing, shutdown));
         while let Some(b) = rx.recv().await {
+            if full_at_stop.load(Relaxed) {
+                // Sealing what cannot be committed would only hold up the stop.
+                stats
+                    .records_lost_uncommitted
+                    .fetch_add(b.records.into(), Relaxed);
+                continue;
+            }
             // The number is taken at sealing (it is in the signed header): a batch lost after
             // sealing leaves its number unused, and the loss is counted and audited.
             let sealed = keys.seal(next_seq, b);
@@ -536,34 +545,54 @@ struct Committer {
     outbox: Outbox,
     wake: Arc<Notify>,
     stats: Arc<PipelineStats>,
+    /// Set when the buffer was full under on_full = "pause" after shutdown fired: it will not
+    /// empty before the stop, so the batches still coming are counted as lost without being
+    /// sealed or tried (a seal and a transaction apiece kept the stop of a stalled pipeline,
+    /// a thousand records queued, past its grace on a loaded machine, and what was still in
+    /// flight then went uncounted).
+    full_at_stop: Arc<AtomicBool>,
 }
+
+/// Losses go on the audit trail at most this often while the gateway runs (and at the
+/// stop): during a stall they grow with every poll, and an entry per batch would add a
+/// synced write per batch to a pipeline that is already short of room.
+const LOSS_AUDIT_EVERY: Duration = Duration::from_secs(10);
 
 impl Committer {
     async fn run(mut self, mut rx: mpsc::Receiver<SealedBatch>, shutdown: CancellationToken) {
         let mut audited_losses = 0u64;
+        let mut last_audit: Option<tokio::time::Instant> = None;
         while let Some(sealed) = rx.recv().await {
             self.commit(sealed, &shutdown).await;
-            self.audit_losses(&mut audited_losses).await;
+            if last_audit.is_none_or(|t| t.elapsed() >= LOSS_AUDIT_EVERY)
+                && self.audit_losses(&mut audited_losses).await
+            {
+                last_audit = Some(tokio::time::Instant::now());
+            }
         }
         self.audit_losses(&mut audited_losses).await;
     }
 
     /// Puts records lost since the last entry (not taken by a stalled pipeline, or sealed but
     /// never committed) on the audit trail.
-    async fn audit_losses(&self, audited: &mut u64) {
+    /// Returns whether an entry was written.
+    async fn audit_losses(&self, audited: &mut u64) -> bool {
         let not_taken = self.stats.records_not_handed_on.load(Relaxed);
         let uncommitted = self.stats.records_lost_uncommitted.load(Relaxed);
         let total = not_taken + uncommitted;
-        if total > *audited {
-            let detail = serde_json::json!({
-                "records": total - *audited,
-                "since_start_not_taken_by_stalled_pipeline": not_taken,
-                "since_start_sealed_not_committed": uncommitted,
-            });
-            if self.outbox.audit("records_lost", detail).await.is_ok() {
-                *audited = total;
-            }
+        if total <= *audited {
+            return false;
         }
+        let detail = serde_json::json!({
+            "records": total - *audited,
+            "since_start_not_taken_by_stalled_pipeline": not_taken,
+            "since_start_sealed_not_committed": uncommitted,
+        });
+        if self.outbox.audit("records_lost", detail).await.is_ok() {
+            *audited = total;
+            return true;
+        }
+        false
     }
 
     async fn commit(&mut self, sealed: SealedBatch, shutdown: &CancellationToken) {
@@ -573,7 +602,7 @@ impl Committer {
             envelope,
             batch: mut b,
         } = sealed;
-        let Some(envelope) = envelope else {
+        let Some(envelope) = envelope.filter(|_| !self.full_at_stop.load(Relaxed)) else {
             self.stats
                 .records_lost_uncommitted
                 .fetch_add(b.records.into(), Relaxed);
@@ -632,9 +661,11 @@ impl Committer {
                         tracing::error!(seq, attempt, "cannot commit batch: {e}");
                     }
                     // On shutdown a full buffer will not empty in time: count and move on.
-                    if (shutdown.is_cancelled() && (full || attempt > 1))
-                        || (!full && attempt >= 600)
-                    {
+                    if shutdown.is_cancelled() && full {
+                        self.full_at_stop.store(true, Relaxed);
+                        break;
+                    }
+                    if (shutdown.is_cancelled() && attempt > 1) || (!full && attempt >= 600) {
                         break;
                     }
                     // Ends early on shutdown so the stop is not held up by a full buffer.

@@ -19,7 +19,7 @@
 //!
 //! Committing a batch is writing and syncing its frame: the frame carries the batch's record
 //! sequences and audit entry. Frames are indexed (row, `source_seq`, `last_seq`, audit entry,
-//! in one transaction) [`FOLD_AT`] at a time, with the held acknowledgements, or at once when
+//! in one transaction) `FOLD_AT` at a time, with the held acknowledgements, or at once when
 //! the buffer is short of room, an upload fails, or the store closes; frames not indexed when
 //! the process dies are indexed from the files at the next start. Only sealed bytes are stored
 //! (nothing raw reaches the disk); a batch leaves only after the platform acked it, or by
@@ -589,15 +589,16 @@ impl Outbox {
                 "file system nearly full: the outbox treats its buffer as full"
             );
         }
-        let acks = self.held().clone();
-        // Shared with a second attempt (`Bytes` and `Arc` clones are cheap).
-        let source_seqs = Arc::new(source_seqs);
-        let attempt = |acks: Vec<u64>| {
-            let (envelope, source_seqs, rules) =
-                (envelope.clone(), source_seqs.clone(), rules.clone());
-            let log = self.log.clone();
-            self.db.call(move |c| {
-                let b = NewBatch {
+        // Read on the store's thread, where `ack` adds to them: an acknowledgement is either
+        // written in this transaction (before any eviction), or comes after it and finds the
+        // batch gone. A list read before the call let a batch acknowledged meanwhile be
+        // evicted and counted as lost although delivered.
+        let held = self.held_acks.clone();
+        let log = self.log.clone();
+        self.db
+            .call(move |c| {
+                let acks = lock(&held).clone();
+                let mut b = NewBatch {
                     seq,
                     created_ms,
                     records,
@@ -608,23 +609,25 @@ impl Outbox {
                     low_disk,
                     acks: &acks,
                 };
-                append_tx(c, &mut lock(&log), quota, &b)
-            })
-        };
-        match attempt(acks.clone()).await? {
-            // The held acknowledgements did not go in with the refused batch; written on
-            // their own they may make the room that was missing.
-            Err(OutboxError::Full { .. }) if !acks.is_empty() => {
-                self.flush_acks().await?;
-                attempt(Vec::new()).await?.map(|(evicted, _)| evicted)
-            }
-            r => r.map(|(evicted, indexed)| {
+                let mut log = lock(&log);
+                let r = match append_tx(c, &mut log, quota, &b) {
+                    // The held acknowledgements did not go in with the refused batch; written
+                    // on their own they may make the room that was missing.
+                    Err(OutboxError::Full { .. }) if !acks.is_empty() => {
+                        sync(c, &mut log, &acks)?;
+                        lock(&held).retain(|s| !acks.contains(s));
+                        b.acks = &[];
+                        return append_tx(c, &mut log, quota, &b).map(|(evicted, _)| evicted);
+                    }
+                    r => r?,
+                };
+                let (evicted, indexed) = r;
                 if indexed {
-                    self.written(&acks);
+                    lock(&held).retain(|s| !acks.contains(s));
                 }
-                evicted
-            }),
-        }
+                Ok(evicted)
+            })
+            .await?
     }
 
     /// Free bytes on the store's file system.
@@ -731,10 +734,10 @@ impl Outbox {
 
     /// The platform acknowledged the batch: it may go.
     ///
-    /// A commit of its own for each acknowledgement would write as many pages as the batch's
-    /// own commit, which doubles the wear of small batches on flash. So the deletion is held
-    /// and written with the next batch's commit, or with others once [`ACKS_HELD`] wait, or
-    /// at [`Outbox::flush_acks`] (shutdown). Held batches are not offered again nor counted
+    /// A commit of its own for each acknowledgement would write a few index pages per batch,
+    /// more than a small batch's own frame. So the deletion is held and written with the next
+    /// index commit (see `FOLD_AT`), or with others once `ACKS_HELD` wait, or at
+    /// [`Outbox::flush_acks`] and when the store closes. Held batches are not offered again nor counted
     /// as pending. A crash before they are written costs only a re-send, which the platform
     /// answers `duplicate`.
     ///
@@ -742,67 +745,54 @@ impl Outbox {
     /// meantime), it was not lost after all: its eviction is taken back out of the counts,
     /// and `true` is returned.
     pub async fn ack(&self, seq: u64) -> Result<bool, OutboxError> {
-        // A read, no write: a batch no longer stored was evicted during its upload, and the
-        // caller's counts must be corrected now, so that one is written at once.
-        let log = self.log.clone();
-        let stored = self
+        // On the store's thread, so that no commit runs between the look and the hold: a batch
+        // still stored is held (and cannot be evicted any more, see `append_audited`); one no
+        // longer stored was evicted during its upload, and its eviction is taken back now.
+        let (log, held) = (self.log.clone(), self.held_acks.clone());
+        let (reversed, held_now) = self
             .db
-            .call(move |c| {
-                if lock(&log).unfolded.iter().any(|f| f.seq == seq) {
-                    return Ok(true);
+            .call(move |c| -> Result<(bool, usize), OutboxError> {
+                let mut log = lock(&log);
+                let stored = log.unfolded.iter().any(|f| f.seq == seq)
+                    || c.query_row(
+                        "SELECT EXISTS(SELECT 1 FROM batches WHERE seq = ?1)",
+                        [seq as i64],
+                        |r| r.get::<_, bool>(0),
+                    )?;
+                if stored {
+                    let mut held = lock(&held);
+                    held.push(seq);
+                    return Ok((false, held.len()));
                 }
-                c.query_row(
-                    "SELECT EXISTS(SELECT 1 FROM batches WHERE seq = ?1)",
-                    [seq as i64],
-                    |r| r.get::<_, bool>(0),
-                )
+                Ok((sync(c, &mut log, &[seq])? > 0, 0))
             })
             .await??;
-        if !stored {
-            return Ok(self.write_acks(vec![seq]).await? > 0);
-        }
-        let full = {
-            let mut held = self.held();
-            held.push(seq);
-            held.len() >= ACKS_HELD
-        };
-        if full {
+        if held_now >= ACKS_HELD {
             self.flush_acks().await?;
         }
-        Ok(false)
+        Ok(reversed)
     }
 
     /// Writes the held acknowledgements now.
     pub async fn flush_acks(&self) -> Result<(), OutboxError> {
-        let seqs = self.held().clone();
-        if !seqs.is_empty() {
-            // An eviction taken back here raced the acknowledgement (rare): the store's
-            // counts are right; the running totals catch up at the next start.
-            self.write_acks(seqs).await?;
-        }
+        let (log, held) = (self.log.clone(), self.held_acks.clone());
+        self.db
+            .call(move |c| -> Result<(), OutboxError> {
+                let seqs = lock(&held).clone();
+                if !seqs.is_empty() {
+                    // Held batches were stored when held and cannot be evicted since, so
+                    // no eviction is taken back here.
+                    sync(c, &mut lock(&log), &seqs)?;
+                    lock(&held).retain(|s| !seqs.contains(s));
+                }
+                Ok(())
+            })
+            .await??;
         Ok(())
     }
 
     fn held(&self) -> MutexGuard<'_, Vec<u64>> {
         lock(&self.held_acks)
-    }
-
-    /// Forgets held acknowledgements once written.
-    fn written(&self, seqs: &[u64]) {
-        self.held().retain(|s| !seqs.contains(s));
-    }
-
-    /// Writes acknowledgements in one transaction, with the frames not indexed yet; returns
-    /// how many evictions they took back.
-    async fn write_acks(&self, seqs: Vec<u64>) -> Result<u64, OutboxError> {
-        let done = seqs.clone();
-        let log = self.log.clone();
-        let reversed = self
-            .db
-            .call(move |c| sync(c, &mut lock(&log), &seqs))
-            .await??;
-        self.written(&done);
-        Ok(reversed)
     }
 
     /// Counts a failed attempt and remembers its cause (kind and status, never data).
@@ -1025,6 +1015,11 @@ fn append_tx(
         r.get(0)
     })?;
     if !low_disk && indexed as u64 + log.queued_bytes() + size <= quota.max_bytes {
+        // An index that keeps failing must not let the frames it lacks pile up in memory:
+        // past four rounds, the batch waits (and is retried, then counted) until it works.
+        if log.unfolded.len() >= 4 * FOLD_AT {
+            sync(c, log, &[])?;
+        }
         let frame = log
             .writer
             .append(seq, created_ms, records, meta, envelope)?;
@@ -1380,6 +1375,83 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, OutboxError::Full { .. }));
         assert_eq!(ob.depth().await.unwrap().batches, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_acknowledged_batch_is_never_evicted_and_acks_racing_commits_count_exactly() {
+        // Held: 1 is acknowledged (held for the next index commit); making room for 4 must
+        // write that acknowledgement, not evict 1 and count it as lost.
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _, _h) = Outbox::open(dir.path(), quota(350)).unwrap();
+        for seq in 1..=3 {
+            ob.append(seq, 0, 3, vec![0; 100].into(), BTreeMap::new())
+                .await
+                .unwrap();
+        }
+        assert!(!ob.ack(1).await.unwrap());
+        let ev = ob
+            .append(4, 0, 3, vec![0; 100].into(), BTreeMap::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            ev,
+            Evicted::default(),
+            "the acknowledged batch made the room"
+        );
+
+        // An uplink acknowledging while a committer fills the buffer, on two threads: every
+        // batch ends either acknowledged or evicted, never both, never neither.
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _, _h) = Outbox::open(dir.path(), quota(350)).unwrap();
+        const N: u64 = 300;
+        let committer = tokio::spawn({
+            let ob = ob.clone();
+            async move {
+                let mut evicted = 0;
+                for seq in 1..=N {
+                    let e = ob.append(seq, 0, 1, vec![0; 100].into(), BTreeMap::new());
+                    evicted += e.await.unwrap().records;
+                }
+                evicted
+            }
+        });
+        let uplink = tokio::spawn({
+            let ob = ob.clone();
+            async move {
+                let (mut acked, mut reversed) = (std::collections::BTreeSet::new(), 0u64);
+                for _ in 0..100_000 {
+                    if committer_done(&ob, N).await {
+                        break;
+                    }
+                    if let Some(b) = ob.next_pending(None).await.unwrap() {
+                        reversed += u64::from(ob.ack(b.seq).await.unwrap());
+                        acked.insert(b.seq);
+                    }
+                }
+                (acked, reversed)
+            }
+        });
+        let evicted = committer.await.unwrap();
+        let (acked, reversed) = uplink.await.unwrap();
+        ob.flush_acks().await.unwrap();
+        let left = ob.depth().await.unwrap().batches;
+        assert_eq!(
+            acked.len() as u64 + (evicted - reversed) + left,
+            N,
+            "acked {}, evicted {evicted} (taken back {reversed}), left {left}",
+            acked.len()
+        );
+    }
+
+    /// Whether batch `last` has been committed (the uplink test's end).
+    async fn committer_done(ob: &Outbox, last: u64) -> bool {
+        let last_seq = ob
+            .db
+            .call(|c| meta_get(c, "last_seq"))
+            .await
+            .unwrap()
+            .unwrap();
+        last_seq as u64 >= last || lock(&ob.log).unfolded.iter().any(|f| f.seq == last)
     }
 }
 

@@ -276,6 +276,7 @@ async fn a_full_buffer_evicts_oldest_and_the_count_equals_the_gap_the_platform_s
         evicting,
         "the tiny buffer overflowed while the platform was down"
     );
+    let src = gw.stats.sources.lock().unwrap()[0].1.clone();
     let rx = start_receiver(&world, Some(port)).await;
     let drained = wait_until(Duration::from_secs(30), || async {
         p.batches_acked.load(Relaxed) + p.batches_evicted.load(Relaxed)
@@ -290,7 +291,10 @@ async fn a_full_buffer_evicts_oldest_and_the_count_equals_the_gap_the_platform_s
     assert_eq!(
         polled - delivered,
         evicted,
-        "every missing record is an evicted one, counted"
+        "every missing record is an evicted one, counted (polls failed: {}, not handed on: {}, lost uncommitted: {})",
+        src.polls_failed.load(Relaxed),
+        src.records_not_handed_on.load(Relaxed),
+        p.records_lost_uncommitted.load(Relaxed),
     );
     // Oldest first: what arrived is a contiguous tail of each stretch, in order.
     let c: Vec<u64> = rx
@@ -365,7 +369,10 @@ async fn pause_keeps_polling_counts_what_it_could_not_take_and_resumes() {
     assert_eq!(
         polled - delivered - waiting,
         counted,
-        "every record neither delivered nor waiting is counted as lost"
+        "every record neither delivered nor waiting is counted as lost (polled {polled}, delivered {delivered}, waiting {waiting}; not handed on {}, sealed but not committed {}; polls failed {})",
+        src.records_not_handed_on.load(Relaxed),
+        p.records_lost_uncommitted.load(Relaxed),
+        src.polls_failed.load(Relaxed),
     );
     stop.cancel();
     rx.shutdown().await;
