@@ -305,19 +305,20 @@ fn main() {
         s.elapsed()
     };
 
-    let (t_zstd, compressed) = best_of(3, || {
-        let s = Instant::now();
-        let c: Vec<Vec<u8>> = batches
+    // The limit and the pipeline are measured in turns, best of five each: these machines'
+    // speed drifts by a third within a minute, and measuring one after the other compared
+    // a fast minute with a slow one.
+    let compress_all = || -> Vec<Vec<u8>> {
+        batches
             .iter()
             .map(|b| zstd::bulk::compress(b, ZSTD_LEVEL).unwrap())
-            .collect();
-        (s.elapsed(), c)
-    });
+            .collect()
+    };
+    let compressed = compress_all();
     let comp: usize = compressed.iter().map(Vec::len).sum();
     let cipher = Aes256Gcm::new_from_slice(&[7u8; 32]).unwrap();
-    let (t_aes, _) = best_of(3, || {
-        let s = Instant::now();
-        let n: usize = compressed
+    let encrypt_all = || -> usize {
+        compressed
             .iter()
             .map(|c| {
                 cipher
@@ -325,9 +326,22 @@ fn main() {
                     .unwrap()
                     .len()
             })
-            .sum();
-        (s.elapsed(), n)
-    });
+            .sum()
+    };
+    let (mut t_zstd, mut t_aes, mut t_pipe, mut stored) =
+        (Duration::MAX, Duration::MAX, Duration::MAX, 0);
+    for _ in 0..5 {
+        let s = Instant::now();
+        std::hint::black_box(compress_all());
+        t_zstd = t_zstd.min(s.elapsed());
+        let s = Instant::now();
+        std::hint::black_box(encrypt_all());
+        t_aes = t_aes.min(s.elapsed());
+        let (t, bytes) = run_pipeline(&pool, n, &policy);
+        if t < t_pipe {
+            (t_pipe, stored) = (t, bytes);
+        }
+    }
     let (t_policy, fields) = best_of(3, || {
         let mut took = Duration::ZERO;
         let mut rules = 0u64;
@@ -342,7 +356,6 @@ fn main() {
         }
         (took, rules)
     });
-    let (t_pipe, stored) = best_of(3, || run_pipeline(&pool, n, &policy));
     let (t_handoff, ()) = best_of(3, || (run_handoff(&pool, n), ()));
     let (t_seal, sealed) = best_of(3, || {
         let (_, pk) = shuyuan::seal::derive_hpke_keypair(b"bench");

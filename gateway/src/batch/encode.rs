@@ -156,9 +156,11 @@ pub struct SourceEncoder {
     pending: RuleCounts,
 }
 
-/// `"name":`, escaped.
+/// `,"name":`, escaped; the first field written leaves the comma out (one append a key,
+/// and no separator to push).
 fn key(name: &str) -> Box<[u8]> {
-    let mut k = Vec::with_capacity(name.len() + 3);
+    let mut k = Vec::with_capacity(name.len() + 4);
+    k.push(b',');
     json_str(name, &mut k);
     k.push(b':');
     k.into_boxed_slice()
@@ -246,8 +248,8 @@ impl SourceEncoder {
             match step {
                 Step::Skip => {}
                 Step::Keep { key } => {
-                    separate(out, &mut first);
-                    out.extend_from_slice(key);
+                    out.extend_from_slice(&key[usize::from(first)..]);
+                    first = false;
                     write_value(&f.value, out);
                 }
                 Step::Transform { key, action, slot } => {
@@ -265,8 +267,8 @@ impl SourceEncoder {
                     };
                     match bytes {
                         Some(b) => {
-                            separate(out, &mut first);
-                            out.extend_from_slice(key);
+                            out.extend_from_slice(&key[usize::from(first)..]);
+                            first = false;
                             out.extend_from_slice(b);
                         }
                         // The rule could not be applied safely: the field is dropped.
@@ -283,13 +285,6 @@ impl SourceEncoder {
         out.extend_from_slice(b"}}\n");
         tally
     }
-}
-
-fn separate(out: &mut Vec<u8>, first: &mut bool) {
-    if !*first {
-        out.push(b',');
-    }
-    *first = false;
 }
 
 fn render(action: &Action, v: &Value) -> Option<Box<[u8]>> {
