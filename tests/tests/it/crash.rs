@@ -156,8 +156,18 @@ async fn receiver_killed_mid_upload_loses_nothing_and_writes_nothing_twice() {
         }
     }
     let c = counters(&recs);
-    let expected: Vec<u64> = (0..polled).collect();
-    assert_eq!(c, expected, "every polled value exactly once, in order");
+    // The stop's final push is bounded (5 s) and skipped while the platform fails: what it
+    // did not deliver waits in the outbox for the next start, and counts as not lost.
+    let waiting: u64 = shuyuan::outbox::admin::list(&world.path().join("state"))
+        .unwrap()
+        .iter()
+        .map(|r| u64::from(r.records))
+        .sum();
+    let expected: Vec<u64> = (0..polled - waiting).collect();
+    assert_eq!(
+        c, expected,
+        "every polled value exactly once, in order ({waiting} waiting in the outbox)"
+    );
     stop.cancel();
 }
 
