@@ -44,30 +44,17 @@ pub fn write_ts_seq(ts_ms: i64, seq: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&b[..at + FIELDS.len()]);
 }
 
-/// Writes `v` in decimal at `b[at..]`, two digits at a time; returns the end. `b` must have
-/// room for the digits (20 at most).
-fn put_u64(b: &mut [u8], at: usize, mut v: u64) -> usize {
+/// Writes `v` in decimal at `b[at..]`; returns the end. `b` must have room for the digits
+/// (20 at most).
+fn put_u64(b: &mut [u8], at: usize, v: u64) -> usize {
     let mut n = 1;
     let mut t = v;
     while t >= 10 {
         t /= 10;
         n += 1;
     }
-    let mut end = at + n;
-    let stop = end;
-    while v >= 100 {
-        let p = (v % 100) as usize * 2;
-        v /= 100;
-        (b[end - 2], b[end - 1]) = (PAIRS[p], PAIRS[p + 1]);
-        end -= 2;
-    }
-    if v >= 10 {
-        let p = v as usize * 2;
-        (b[end - 2], b[end - 1]) = (PAIRS[p], PAIRS[p + 1]);
-    } else {
-        b[end - 1] = b'0' + v as u8;
-    }
-    stop
+    put_u64_back(b, at + n, v);
+    at + n
 }
 
 /// Writes `v` in decimal so that it ends at `b[end]` (exclusive), two digits at a time;
