@@ -574,8 +574,7 @@ impl Committer {
     }
 
     /// Puts records lost since the last entry (not taken by a stalled pipeline, or sealed but
-    /// never committed) on the audit trail.
-    /// Returns whether an entry was written.
+    /// never committed) on the audit trail; returns whether an entry was written.
     async fn audit_losses(&self, audited: &mut u64) -> bool {
         let not_taken = self.stats.records_not_handed_on.load(Relaxed);
         let uncommitted = self.stats.records_lost_uncommitted.load(Relaxed);
@@ -602,7 +601,9 @@ impl Committer {
             envelope,
             batch: mut b,
         } = sealed;
-        let Some(envelope) = envelope.filter(|_| !self.full_at_stop.load(Relaxed)) else {
+        // Unsealable, or sealed before the stop found the buffer full: counted, not tried.
+        let envelope = envelope.filter(|_| !self.full_at_stop.load(Relaxed));
+        let Some(envelope) = envelope else {
             self.stats
                 .records_lost_uncommitted
                 .fetch_add(b.records.into(), Relaxed);

@@ -29,14 +29,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 /// `2026-11-25T01:02:03.456Z` for a Unix time in milliseconds.
 pub fn rfc3339_ms(ms: i64) -> String {
-    let mut out = Vec::with_capacity(24);
-    write_rfc3339_ms(ms, &mut out);
-    String::from_utf8(out).unwrap_or_default()
-}
-
-/// Appends `2026-11-25T01:02:03.456Z` to `out` without allocating (the batcher's hot path).
-pub fn write_rfc3339_ms(ms: i64, out: &mut Vec<u8>) {
-    out.extend_from_slice(&rfc3339_ms_bytes(ms));
+    String::from_utf8_lossy(&rfc3339_ms_bytes(ms)).into_owned()
 }
 
 /// Length of [`rfc3339_ms_bytes`]: the year is clamped to four digits.

@@ -278,6 +278,23 @@ fn sync(c: &mut Connection, log: &mut Log, acks: &[u64]) -> Result<u64, OutboxEr
     Ok(reversed)
 }
 
+/// Writes the held acknowledgements (with the frames not indexed yet) and forgets them;
+/// returns how many evictions they took back. Only calls on the store's thread add to
+/// `held`, so the list cannot change between the read and the clear.
+fn write_held(
+    c: &mut Connection,
+    log: &mut Log,
+    held: &Mutex<Vec<u64>>,
+) -> Result<u64, OutboxError> {
+    let seqs = lock(held).clone();
+    if seqs.is_empty() {
+        return Ok(0);
+    }
+    let reversed = sync(c, log, &seqs)?;
+    lock(held).clear();
+    Ok(reversed)
+}
+
 /// Deletes the segment files no queued batch needs (a failure only delays it).
 fn tidy(c: &Connection, log: &Log) {
     let indexed: rusqlite::Result<Option<i64>> = c
@@ -610,22 +627,22 @@ impl Outbox {
                     acks: &acks,
                 };
                 let mut log = lock(&log);
-                let r = match append_tx(c, &mut log, quota, &b) {
+                match append_tx(c, &mut log, quota, &b) {
                     // The held acknowledgements did not go in with the refused batch; written
                     // on their own they may make the room that was missing.
                     Err(OutboxError::Full { .. }) if !acks.is_empty() => {
-                        sync(c, &mut log, &acks)?;
-                        lock(&held).retain(|s| !acks.contains(s));
+                        write_held(c, &mut log, &held)?;
                         b.acks = &[];
-                        return append_tx(c, &mut log, quota, &b).map(|(evicted, _)| evicted);
+                        append_tx(c, &mut log, quota, &b).map(|(evicted, _)| evicted)
                     }
-                    r => r?,
-                };
-                let (evicted, indexed) = r;
-                if indexed {
-                    lock(&held).retain(|s| !acks.contains(s));
+                    r => {
+                        let (evicted, indexed) = r?;
+                        if indexed {
+                            lock(&held).clear();
+                        }
+                        Ok(evicted)
+                    }
                 }
-                Ok(evicted)
             })
             .await?
     }
@@ -737,9 +754,9 @@ impl Outbox {
     /// A commit of its own for each acknowledgement would write a few index pages per batch,
     /// more than a small batch's own frame. So the deletion is held and written with the next
     /// index commit (see `FOLD_AT`), or with others once `ACKS_HELD` wait, or at
-    /// [`Outbox::flush_acks`] and when the store closes. Held batches are not offered again nor counted
-    /// as pending. A crash before they are written costs only a re-send, which the platform
-    /// answers `duplicate`.
+    /// [`Outbox::flush_acks`] and when the store closes. Held batches are not offered again
+    /// nor counted as pending. A crash before they are written costs only a re-send, which
+    /// the platform answers `duplicate`.
     ///
     /// If the batch was evicted while it was being uploaded (the buffer filled up in the
     /// meantime), it was not lost after all: its eviction is taken back out of the counts,
@@ -777,16 +794,9 @@ impl Outbox {
     pub async fn flush_acks(&self) -> Result<(), OutboxError> {
         let (log, held) = (self.log.clone(), self.held_acks.clone());
         self.db
-            .call(move |c| -> Result<(), OutboxError> {
-                let seqs = lock(&held).clone();
-                if !seqs.is_empty() {
-                    // Held batches were stored when held and cannot be evicted since, so
-                    // no eviction is taken back here.
-                    sync(c, &mut lock(&log), &seqs)?;
-                    lock(&held).retain(|s| !seqs.contains(s));
-                }
-                Ok(())
-            })
+            // Held batches were stored when held and cannot be evicted since: no eviction
+            // is taken back here.
+            .call(move |c| write_held(c, &mut lock(&log), &held))
             .await??;
         Ok(())
     }
