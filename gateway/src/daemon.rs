@@ -500,12 +500,12 @@ impl Sealer {
             wake,
             stats,
         } = self;
-        let keys = SealKeys {
+        let keys = Arc::new(SealKeys {
             gateway_id,
             pseudonym_key_id,
             recipient,
             signer,
-        };
+        });
         let (to_commit, committing) = mpsc::channel(COMMIT_QUEUE);
         let full_at_stop = Arc::new(AtomicBool::new(false));
         let committer = Committer {
@@ -525,7 +525,21 @@ impl Sealer {
             }
             // The number is taken at sealing (it is in the signed header): a batch lost after
             // sealing leaves its number unused, and the loss is counted and audited.
-            let sealed = keys.seal(next_seq, b);
+            // Sealing a batch is milliseconds of CPU: on the blocking pool it runs beside the
+            // batch stage instead of holding one of the two async workers (which also run
+            // the sources and the uplink), and the OS spreads the two over the cores.
+            let (k, seq, records) = (keys.clone(), next_seq, b.records);
+            let sealed = match tokio::task::spawn_blocking(move || k.seal(seq, b)).await {
+                Ok(sealed) => sealed,
+                // Only if the runtime is going away (or sealing panicked): nothing to retry.
+                Err(e) => {
+                    tracing::error!(seq, records, "sealing stopped, records lost: {e}");
+                    stats
+                        .records_lost_uncommitted
+                        .fetch_add(records.into(), Relaxed);
+                    break;
+                }
+            };
             next_seq += 1;
             if to_commit.send(sealed).await.is_err() {
                 break;

@@ -8,12 +8,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::json::{json_str, line_prefix, write_ts_seq, write_value};
+use super::json::{line_prefix, write_value, Padded, Slack};
 use crate::collect::{Record, Value};
 use crate::policy::{Action, Policy, Tally};
 
 /// The last text input of a transforming rule and its rendered output (`None`: dropped).
-type Remembered = (Arc<str>, Option<Box<[u8]>>);
+type Remembered = (Arc<str>, Option<Padded>);
 
 /// What the policy did, per field and outcome (the rule's name, `no_rule` for default deny,
 /// `dropped_unsafe` when a rule could not be applied safely): counts for the audit trail.
@@ -27,11 +27,11 @@ pub const DROPPED_UNSAFE: &str = "dropped_unsafe";
 enum Step {
     Skip,
     Keep {
-        key: Box<[u8]>,
+        key: Padded,
     },
     /// A de-identifying rule; `slot` is where each source keeps its state for it.
     Transform {
-        key: Box<[u8]>,
+        key: Padded,
         action: Action,
         slot: usize,
     },
@@ -145,7 +145,7 @@ struct Seen {
 pub struct SourceEncoder {
     policy: Arc<Policy>,
     plans: LayoutPlans,
-    prefix: Vec<u8>,
+    prefix: Padded,
     plan: Option<Arc<Plan>>,
     seen: Vec<Seen>,
     /// Records encoded with the current plan since the last flush of the counts.
@@ -156,14 +156,13 @@ pub struct SourceEncoder {
     pending: RuleCounts,
 }
 
-/// `,"name":`, escaped; the first field written leaves the comma out (one append a key,
-/// and no separator to push).
-fn key(name: &str) -> Box<[u8]> {
-    let mut k = Vec::with_capacity(name.len() + 4);
-    k.push(b',');
-    json_str(name, &mut k);
+/// `,"name":`, escaped; the first field of a line has its comma replaced by the `{` that
+/// opens the fields (one copy a key, and no separator to push).
+fn key(name: &str) -> Padded {
+    let mut k = vec![b','];
+    Slack::new(&mut k).str(name);
     k.push(b':');
-    k.into_boxed_slice()
+    Padded::new(k)
 }
 
 impl SourceEncoder {
@@ -238,9 +237,11 @@ impl SourceEncoder {
         let Some(plan) = self.plan.as_deref() else {
             unreachable!("set by replan")
         };
-        out.extend_from_slice(&self.prefix);
-        write_ts_seq(rec.ts_ms, rec.seq, out);
-        let mut first = true;
+        let mut w = Slack::new(out);
+        w.padded(&self.prefix);
+        w.ts_seq(rec.ts_ms, rec.seq);
+        // The byte before the next key: `{` opens the fields, `,` follows a field.
+        let mut sep = b'{';
         let mut tally = plan.tally;
         self.uses += 1;
         self.last_failed.clear();
@@ -248,9 +249,9 @@ impl SourceEncoder {
             match step {
                 Step::Skip => {}
                 Step::Keep { key } => {
-                    out.extend_from_slice(&key[usize::from(first)..]);
-                    first = false;
-                    write_value(&f.value, out);
+                    w.key(key, sep);
+                    sep = b',';
+                    w.value(&f.value);
                 }
                 Step::Transform { key, action, slot } => {
                     let seen = &mut self.seen[*slot];
@@ -260,16 +261,16 @@ impl SourceEncoder {
                         if !seen.last.as_ref().is_some_and(|(s, _)| Arc::ptr_eq(s, t)) {
                             seen.last = Some((t.clone(), render(action, &f.value)));
                         }
-                        seen.last.as_ref().and_then(|(_, b)| b.as_deref())
+                        seen.last.as_ref().and_then(|(_, b)| b.as_ref())
                     } else {
                         local = render(action, &f.value);
-                        local.as_deref()
+                        local.as_ref()
                     };
                     match bytes {
                         Some(b) => {
-                            out.extend_from_slice(&key[usize::from(first)..]);
-                            first = false;
-                            out.extend_from_slice(b);
+                            w.key(key, sep);
+                            sep = b',';
+                            w.padded(b);
                         }
                         // The rule could not be applied safely: the field is dropped.
                         None => {
@@ -282,16 +283,20 @@ impl SourceEncoder {
                 }
             }
         }
-        out.extend_from_slice(b"}}\n");
+        if sep == b'{' {
+            // No field kept: the fields object is empty.
+            w.byte(b'{');
+        }
+        w.array(b"}}\n");
         tally
     }
 }
 
-fn render(action: &Action, v: &Value) -> Option<Box<[u8]>> {
+fn render(action: &Action, v: &Value) -> Option<Padded> {
     action.transform(v).map(|v| {
         let mut b = Vec::new();
         write_value(&v, &mut b);
-        b.into_boxed_slice()
+        Padded::new(b)
     })
 }
 
@@ -423,6 +428,23 @@ mod tests {
             );
             assert_eq!(t1, t2, "seq {seq}");
         }
+    }
+
+    #[test]
+    fn a_record_with_no_field_kept_has_empty_fields() {
+        let p = policy();
+        let mut enc = SourceEncoder::new("src", p.clone());
+        let names: Vec<Arc<str>> = ["gone", "unlisted"].map(Arc::from).to_vec();
+        let meter: Arc<str> = Arc::from("m");
+        let r = rec(3, &names, &meter);
+        let mut fused = b"x".to_vec();
+        enc.encode(&r, &mut fused);
+        let mut applied = r.clone();
+        p.apply(&mut applied);
+        let mut reference = b"x".to_vec();
+        super::super::encode_line(&applied, &mut reference);
+        assert_eq!(fused, reference);
+        assert!(fused.ends_with(b"\"fields\":{}}\n"), "{fused:?}");
     }
 
     #[test]

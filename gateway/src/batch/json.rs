@@ -7,54 +7,288 @@ use crate::timefmt::{rfc3339_ms_bytes, PAIRS, RFC3339_MS_LEN};
 
 /// One record as a JSON line: `{"source":..,"ts":..,"seq":..,"fields":{..}}\n`.
 pub fn encode_line(rec: &Record, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"source\":");
-    json_str(&rec.source, out);
-    out.extend_from_slice(b",\"ts\":\"");
-    write_ts_seq(rec.ts_ms, rec.seq, out);
+    let mut w = Slack::new(out);
+    w.array(b"{\"source\":");
+    w.str(&rec.source);
+    w.array(b",\"ts\":\"");
+    w.ts_seq(rec.ts_ms, rec.seq);
+    w.byte(b'{');
     for (i, f) in rec.fields.iter().enumerate() {
         if i > 0 {
-            out.push(b',');
+            w.byte(b',');
         }
-        json_str(&f.name, out);
-        out.push(b':');
-        write_value(&f.value, out);
+        w.str(&f.name);
+        w.byte(b':');
+        w.value(&f.value);
     }
-    out.extend_from_slice(b"}}\n");
+    w.array(b"}}\n");
+}
+
+/// One value as JSON.
+pub fn write_value(v: &Value, out: &mut Vec<u8>) {
+    Slack::new(out).value(v);
 }
 
 /// `{"source":"<id>","ts":"`: the constant start of a source's lines.
-pub fn line_prefix(source: &str) -> Vec<u8> {
+pub(crate) fn line_prefix(source: &str) -> Padded {
     let mut v = b"{\"source\":".to_vec();
-    json_str(source, &mut v);
+    Slack::new(&mut v).str(source);
     v.extend_from_slice(b",\"ts\":\"");
-    v
+    Padded::new(v)
 }
 
-/// From the timestamp to the opening of `fields`: `2026-..Z","seq":7,"fields":{`, put
-/// together on the stack and appended at once.
-pub fn write_ts_seq(ts_ms: i64, seq: u64, out: &mut Vec<u8>) {
-    const SEQ: &[u8] = b"\",\"seq\":";
-    const FIELDS: &[u8] = b",\"fields\":{";
-    let mut b = [0u8; RFC3339_MS_LEN + SEQ.len() + 20 + FIELDS.len()];
-    b[..RFC3339_MS_LEN].copy_from_slice(&rfc3339_ms_bytes(ts_ms));
-    let mut at = RFC3339_MS_LEN;
-    b[at..at + SEQ.len()].copy_from_slice(SEQ);
-    at = put_u64(&mut b, at + SEQ.len(), seq);
-    b[at..at + FIELDS.len()].copy_from_slice(FIELDS);
-    out.extend_from_slice(&b[..at + FIELDS.len()]);
+/// Constant text (a line's start, a key, a masked tag) kept with zeros after it up to a
+/// multiple of 16 bytes, so that it is appended in whole 16-byte copies.
+#[derive(Debug, Clone)]
+pub(crate) struct Padded {
+    chunks: Box<[[u8; 16]]>,
+    len: usize,
 }
 
-/// Writes `v` in decimal at `b[at..]`; returns the end. `b` must have room for the digits
-/// (20 at most).
-fn put_u64(b: &mut [u8], at: usize, v: u64) -> usize {
-    let mut n = 1;
-    let mut t = v;
-    while t >= 10 {
-        t /= 10;
-        n += 1;
+impl Padded {
+    pub(crate) fn new(text: Vec<u8>) -> Self {
+        let chunks = text
+            .chunks(16)
+            .map(|c| {
+                let mut a = [0u8; 16];
+                a[..c.len()].copy_from_slice(c);
+                a
+            })
+            .collect();
+        Self {
+            chunks,
+            len: text.len(),
+        }
     }
-    put_u64_back(b, at + n, v);
-    at + n
+}
+
+/// The `N` bytes of `buf` from `at`, as an array: copies between arrays have a size the
+/// compiler knows, and become a few moves instead of a call to `memcpy`.
+#[inline]
+fn chunk_mut<const N: usize>(buf: &mut [u8], at: usize) -> &mut [u8; N] {
+    let Some(c) = buf[at..].first_chunk_mut() else {
+        unreachable!("the writer made room first")
+    };
+    c
+}
+
+/// Bytes that a number is copied in: the longest number written is 24 bytes (`ryu`'s, and
+/// `-` with 20 digits).
+const WINDOW: usize = 24;
+
+/// What the writer adds when it runs short of room: more than a typical line, so that a line
+/// costs one growth.
+const GROW: usize = 512;
+
+/// Appends to a `Vec<u8>` through zeroed room kept ahead of a cursor. Each piece (a number,
+/// a key, a timestamp) goes in as a fixed-size copy and the cursor moves by its true length;
+/// the bytes past the cursor are overwritten by the next piece and cut off when the writer
+/// is dropped. In the size-optimised build the usual way, `extend_from_slice` per piece, is
+/// a capacity check and a call to `memcpy` for every two-byte piece: most of the encoder's
+/// instructions.
+pub(crate) struct Slack<'a> {
+    out: &'a mut Vec<u8>,
+    at: usize,
+}
+
+impl Drop for Slack<'_> {
+    fn drop(&mut self) {
+        self.out.truncate(self.at);
+    }
+}
+
+impl<'a> Slack<'a> {
+    pub(crate) fn new(out: &'a mut Vec<u8>) -> Self {
+        let at = out.len();
+        Self { out, at }
+    }
+
+    /// Makes room for `n` bytes past the cursor.
+    #[inline]
+    fn room(&mut self, n: usize) {
+        if self.at + n > self.out.len() {
+            self.grow(n);
+        }
+    }
+
+    #[cold]
+    fn grow(&mut self, n: usize) {
+        // Copied from zeros rather than `resize`d: `resize` fills byte by byte in the
+        // size-optimised build, `extend_from_slice` is one `memcpy`.
+        const ZEROS: [u8; GROW] = [0; GROW];
+        while self.at + n > self.out.len() {
+            self.out.extend_from_slice(&ZEROS);
+        }
+    }
+
+    /// Appends bytes whose number is known at compile time (literals).
+    #[inline]
+    pub(crate) fn array<const N: usize>(&mut self, a: &[u8; N]) {
+        self.room(N);
+        *chunk_mut(self.out, self.at) = *a;
+        self.at += N;
+    }
+
+    #[inline]
+    pub(crate) fn byte(&mut self, b: u8) {
+        self.room(1);
+        self.out[self.at] = b;
+        self.at += 1;
+    }
+
+    #[inline]
+    pub(crate) fn slice(&mut self, s: &[u8]) {
+        self.room(s.len());
+        self.out[self.at..self.at + s.len()].copy_from_slice(s);
+        self.at += s.len();
+    }
+
+    /// Appends padded text in 16-byte copies.
+    #[inline]
+    pub(crate) fn padded(&mut self, p: &Padded) {
+        self.room(p.chunks.len() * 16);
+        let mut at = self.at;
+        for c in p.chunks.iter() {
+            *chunk_mut(self.out, at) = *c;
+            at += 16;
+        }
+        self.at += p.len;
+    }
+
+    /// Appends a key kept as `,"name":`, its first byte replaced by `sep` (`{` for the first
+    /// field of a line, so that no separator needs a branch or an append of its own).
+    #[inline]
+    pub(crate) fn key(&mut self, k: &Padded, sep: u8) {
+        let at = self.at;
+        self.padded(k);
+        self.out[at] = sep;
+    }
+
+    /// Appends `b[start..end]` (at most [`WINDOW`] bytes) in one copy of fixed size.
+    #[inline]
+    fn window<const N: usize>(&mut self, b: &[u8; N], start: usize, end: usize) {
+        self.room(WINDOW);
+        let Some(from) = b[start..].first_chunk::<WINDOW>() else {
+            unreachable!("numbers start early enough in their array")
+        };
+        *chunk_mut(self.out, self.at) = *from;
+        self.at += end - start;
+    }
+
+    /// From the timestamp to the name of the fields object: `2026-..Z","seq":7,"fields":`.
+    pub(crate) fn ts_seq(&mut self, ts_ms: i64, seq: u64) {
+        const SEQ: &[u8] = b"\",\"seq\":";
+        let mut b = [0u8; RFC3339_MS_LEN + SEQ.len()];
+        b[..RFC3339_MS_LEN].copy_from_slice(&rfc3339_ms_bytes(ts_ms));
+        b[RFC3339_MS_LEN..].copy_from_slice(SEQ);
+        self.array(&b);
+        self.int(false, seq);
+        self.array(b",\"fields\":");
+    }
+
+    /// An integer: its digits written backwards on the stack, then one copy.
+    fn int(&mut self, negative: bool, magnitude: u64) {
+        let mut b = [b'-'; 48];
+        // Ending at 24, the digits start at 3 or later: the window fits in the array.
+        let start = put_u64_back(&mut b, 24, magnitude) - usize::from(negative);
+        self.window(&b, start, 24);
+    }
+
+    pub(crate) fn value(&mut self, v: &Value) {
+        match v {
+            Value::Bool(true) => self.array(b"true"),
+            Value::Bool(false) => self.array(b"false"),
+            Value::Int(v) => self.int(*v < 0, v.unsigned_abs()),
+            Value::UInt(v) => self.int(false, *v),
+            Value::Float(v) if v.is_finite() => self.f64(*v),
+            Value::Float(_) => self.array(b"null"),
+            Value::Decimal(d) => self.slice(d.as_bytes()),
+            Value::Text(t) => self.str(t),
+        }
+    }
+
+    /// A finite float in the fewest digits that read back as the same `f64`.
+    ///
+    /// Readings are mostly short decimals (`123.456`, scaled registers): those take an
+    /// integer path that is several times cheaper than the general shortest-digits algorithm
+    /// (`ryu`), which handles the rest. Why the fast path is exact: for |v| < 1e8 the grid of
+    /// millionths is coarser than the spacing of `f64`s there, so at most one six-decimal
+    /// number rounds to `v`; if `m / 1e6` (correctly rounded) is `v`, that number is `m`
+    /// millionths and printing it with its trailing zeros removed gives the shortest form,
+    /// as `ryu` would.
+    fn f64(&mut self, v: f64) {
+        const SCALE: f64 = 1e6;
+        if v != 0.0 && v.abs() < 1e8 {
+            // |v * 1e6| < 1e14, so the cast is exact; rounding by hand avoids a libm call.
+            let y = v * SCALE;
+            let m = if y < 0.0 {
+                (y - 0.5) as i64
+            } else {
+                (y + 0.5) as i64
+            };
+            if m as f64 / SCALE == v {
+                let (int, frac) = (m / 1_000_000, (m % 1_000_000).unsigned_abs() as usize);
+                // `-12345678.123456`: the point at 24, the six decimals after it in three
+                // pairs, the integer digits backwards from the point, the sign before them.
+                let (p1, p2, p3) = (frac / 10_000, frac / 100 % 100, frac % 100);
+                let mut b = [b'-'; 48];
+                b[24] = b'.';
+                (b[25], b[26]) = (PAIRS[p1 * 2], PAIRS[p1 * 2 + 1]);
+                (b[27], b[28]) = (PAIRS[p2 * 2], PAIRS[p2 * 2 + 1]);
+                (b[29], b[30]) = (PAIRS[p3 * 2], PAIRS[p3 * 2 + 1]);
+                let start = put_u64_back(&mut b, 24, int.unsigned_abs()) - usize::from(m < 0);
+                // Trailing zeros go, but one decimal always stays (`5.0`).
+                let zeros = match (p1, p2, p3) {
+                    (_, _, 1..) => usize::from(p3 % 10 == 0),
+                    (_, 1.., 0) => 2 + usize::from(p2 % 10 == 0),
+                    (1.., 0, 0) => 4 + usize::from(p1 % 10 == 0),
+                    (0, 0, 0) => 5,
+                };
+                self.window(&b, start, 31 - zeros);
+                return;
+            }
+        }
+        self.slice(ryu::Buffer::new().format_finite(v).as_bytes());
+    }
+
+    /// A JSON string literal, escaping what RFC 8259 requires (quote, backslash, controls).
+    pub(crate) fn str(&mut self, s: &str) {
+        let bytes = s.as_bytes();
+        // Nearly every name and value needs no escaping: check in one pass, copy in one go.
+        if bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+            self.room(bytes.len() + 2);
+            self.out[self.at] = b'"';
+            self.out[self.at + 1..self.at + 1 + bytes.len()].copy_from_slice(bytes);
+            self.out[self.at + 1 + bytes.len()] = b'"';
+            self.at += bytes.len() + 2;
+            return;
+        }
+        self.byte(b'"');
+        let mut start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let esc: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0..=0x1f => b"",
+                _ => continue,
+            };
+            self.slice(&bytes[start..i]);
+            if esc.is_empty() {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                self.slice(b"\\u00");
+                self.byte(HEX[usize::from(b >> 4)]);
+                self.byte(HEX[usize::from(b & 15)]);
+            } else {
+                self.slice(esc);
+            }
+            start = i + 1;
+        }
+        self.slice(&bytes[start..]);
+        self.byte(b'"');
+    }
 }
 
 /// Writes `v` in decimal so that it ends at `b[end]` (exclusive), two digits at a time;
@@ -76,117 +310,45 @@ fn put_u64_back(b: &mut [u8], mut end: usize, mut v: u64) -> usize {
     }
 }
 
-/// An integer, its sign and digits put together on the stack and appended at once.
-fn write_int(negative: bool, magnitude: u64, out: &mut Vec<u8>) {
-    let mut b = [b'-'; 21];
-    let start = put_u64_back(&mut b, 21, magnitude) - usize::from(negative);
-    out.extend_from_slice(&b[start..]);
-}
-
-pub fn write_value(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Int(v) => write_int(*v < 0, v.unsigned_abs(), out),
-        Value::UInt(v) => write_int(false, *v, out),
-        Value::Float(v) if v.is_finite() => write_f64(*v, out),
-        Value::Float(_) => out.extend_from_slice(b"null"),
-        Value::Decimal(d) => out.extend_from_slice(d.as_bytes()),
-        Value::Text(t) => json_str(t, out),
-    }
-}
-
-/// A finite float in the fewest digits that read back as the same `f64`.
-///
-/// Readings are mostly short decimals (`123.456`, scaled registers): those take an integer
-/// path that is several times cheaper than the general shortest-digits algorithm (`ryu`),
-/// which handles the rest. Why the fast path is exact: for |v| < 1e8 the grid of millionths
-/// is coarser than the spacing of `f64`s there, so at most one six-decimal number rounds to
-/// `v`; if `m / 1e6` (correctly rounded) is `v`, that number is `m` millionths and printing
-/// it with its trailing zeros removed gives the shortest form, as `ryu` would. The text is put
-/// together on the stack and appended at once (small appends cost more than the digits).
-fn write_f64(v: f64, out: &mut Vec<u8>) {
-    const SCALE: f64 = 1e6;
-    if v != 0.0 && v.abs() < 1e8 {
-        // |v * 1e6| < 1e14, so the cast is exact; rounding by hand avoids a libm call.
-        let y = v * SCALE;
-        let m = if y < 0.0 {
-            (y - 0.5) as i64
-        } else {
-            (y + 0.5) as i64
-        };
-        if m as f64 / SCALE == v {
-            let (int, frac) = (m / 1_000_000, (m % 1_000_000).unsigned_abs() as usize);
-            // `-12345678.123456`: the six decimals at fixed places, the integer digits
-            // written backwards from the point, the sign before them.
-            let mut b = [b'-'; 17];
-            (b[11], b[12]) = (PAIRS[frac / 10_000 * 2], PAIRS[frac / 10_000 * 2 + 1]);
-            let p = frac / 100 % 100 * 2;
-            (b[13], b[14]) = (PAIRS[p], PAIRS[p + 1]);
-            let p = frac % 100 * 2;
-            (b[15], b[16]) = (PAIRS[p], PAIRS[p + 1]);
-            b[10] = b'.';
-            let start = put_u64_back(&mut b, 10, int.unsigned_abs()) - usize::from(m < 0);
-            // Trailing zeros go, but one decimal always stays (`5.0`).
-            let zeros = match frac {
-                _ if frac % 100_000 == 0 => 5,
-                _ if frac % 10_000 == 0 => 4,
-                _ if frac % 1_000 == 0 => 3,
-                _ if frac % 100 == 0 => 2,
-                _ if frac % 10 == 0 => 1,
-                _ => 0,
-            };
-            out.extend_from_slice(&b[start..17 - zeros]);
-            return;
-        }
-    }
-    out.extend_from_slice(ryu::Buffer::new().format_finite(v).as_bytes());
-}
-
-/// A JSON string literal, escaping what RFC 8259 requires (quote, backslash, controls).
-pub fn json_str(s: &str, out: &mut Vec<u8>) {
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    // Nearly every name and value needs no escaping: check in one pass, copy in one go.
-    if bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.extend_from_slice(bytes);
-        out.push(b'"');
-        return;
-    }
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        if esc.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 15)]);
-        } else {
-            out.extend_from_slice(esc);
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn fast(v: f64) -> String {
         let mut out = Vec::new();
-        write_f64(v, &mut out);
+        write_value(&Value::Float(v), &mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn long_escaped_text_after_earlier_lines_and_an_empty_record() {
+        use crate::collect::Field;
+        use std::sync::Arc;
+        // Longer than one growth of the writer, with every kind of escape.
+        let long: String = (0..3000)
+            .map(|i| ['"', '\\', '\u{1}', '张', '\n', 'a', 'b'][i % 7])
+            .collect();
+        let mut r = Record {
+            source: Arc::from("s\"x"),
+            ts_ms: 0,
+            seq: 1,
+            fields: vec![Field {
+                name: Arc::from("t"),
+                value: Value::Text(Arc::from(long.as_str())),
+            }],
+        };
+        let mut out = b"earlier\n".to_vec();
+        encode_line(&r, &mut out);
+        assert!(out.starts_with(b"earlier\n"));
+        assert!(out.ends_with(b"}}\n"));
+        let v: serde_json::Value = serde_json::from_slice(&out[8..]).unwrap();
+        assert_eq!(v["fields"]["t"], long.as_str());
+        assert_eq!(v["source"], "s\"x");
+        r.fields.clear();
+        let mut empty = Vec::new();
+        encode_line(&r, &mut empty);
+        let v: serde_json::Value = serde_json::from_slice(&empty).unwrap();
+        assert_eq!(v["fields"], serde_json::json!({}));
     }
 
     #[test]
@@ -213,11 +375,11 @@ mod tests {
             assert_eq!(text(&Value::UInt(v)), v.to_string());
             let ts = 1_795_568_400_123 + v as i64 % 86_400_000;
             let mut head = Vec::new();
-            write_ts_seq(ts, v, &mut head);
+            Slack::new(&mut head).ts_seq(ts, v);
             assert_eq!(
                 String::from_utf8(head).unwrap(),
                 format!(
-                    "{}\",\"seq\":{v},\"fields\":{{",
+                    "{}\",\"seq\":{v},\"fields\":",
                     crate::timefmt::rfc3339_ms(ts)
                 ),
                 "{i}"
