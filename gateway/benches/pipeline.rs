@@ -17,7 +17,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
 use shuyuan::batch::{self, Batcher, Limits, SourceEncoder};
-use shuyuan::collect::{Field, Record, Value};
+use shuyuan::collect::{Names, Record, Value};
 use shuyuan::config::{ActionKind, FieldRuleConfig, Grade, OnFull, PolicyConfig};
 use shuyuan::daemon::{Sealer, ZSTD_LEVEL};
 use shuyuan::keys::Signer;
@@ -49,9 +49,12 @@ fn records(n: usize) -> Vec<Record> {
     let sources: Vec<Arc<str>> = (0..SOURCES)
         .map(|i| Arc::from(format!("pump-station-{i}")))
         .collect();
-    // Names are shared, as a source's point plan and tags share them with its records.
-    let (station_name, meter_name): (Arc<str>, Arc<str>) =
-        (Arc::from("station"), Arc::from("meter_id"));
+    // One names list for every record, as a device's point plan and tags give its records.
+    let layout: Names = names
+        .iter()
+        .cloned()
+        .chain([Arc::from("station"), Arc::from("meter_id")])
+        .collect();
     let station: Arc<str> = Arc::from("和平区3号泵站");
     let meter: Arc<str> = Arc::from("WTR-1201-000317");
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -65,7 +68,7 @@ fn records(n: usize) -> Vec<Record> {
     (0..n)
         .map(|i| {
             let round = |v: f64, p: f64| (v * p).round() / p;
-            let mut fields: Vec<Field> = vec![
+            let mut values = vec![
                 Value::Float(round(90.0 + next() * 60.0, 1000.0)),
                 Value::Float(round(280.0 + next() * 70.0, 10.0)),
                 Value::Float(round(3.0 + next() * 2.5, 100.0)),
@@ -78,27 +81,15 @@ fn records(n: usize) -> Vec<Record> {
                 Value::UInt(if next() > 0.98 { 17 } else { 0 }),
                 Value::UInt(40_000 + (i / 3600) as u64),
                 Value::UInt(99_887_766),
-            ]
-            .into_iter()
-            .zip(&names)
-            .map(|(value, name)| Field {
-                name: name.clone(),
-                value,
-            })
-            .collect();
-            fields.push(Field {
-                name: station_name.clone(),
-                value: Value::Text(station.clone()),
-            });
-            fields.push(Field {
-                name: meter_name.clone(),
-                value: Value::Text(meter.clone()),
-            });
+            ];
+            values.push(Value::Text(station.clone()));
+            values.push(Value::Text(meter.clone()));
             Record {
                 source: sources[i % SOURCES].clone(),
                 ts_ms: 1_795_568_400_000 + i as i64 * 20 + (next() * 10.0) as i64,
                 seq: i as u64,
-                fields,
+                names: layout.clone(),
+                values,
             }
         })
         .collect()
@@ -400,7 +391,7 @@ fn main() {
             let mut copy = pool.clone();
             let s = Instant::now();
             for r in &mut copy {
-                rules += r.fields.len() as u64;
+                rules += r.values.len() as u64;
                 std::hint::black_box(policy.apply(r));
             }
             took += s.elapsed();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shuyuan::batch::SourceEncoder;
-use shuyuan::collect::{Field, Record, Value};
+use shuyuan::collect::{Names, Record, Value};
 use shuyuan::config::{ActionKind, FieldRuleConfig, Grade, Level, PolicyConfig};
 use shuyuan::policy::{detect, Policy, PseudonymKey};
 
@@ -66,7 +66,7 @@ fn policy() -> Policy {
 }
 
 fn records() -> Vec<Record> {
-    let names: Vec<Arc<str>> = [
+    let names: Names = [
         "account_no",
         "customer_name",
         "id_card",
@@ -113,12 +113,8 @@ fn records() -> Vec<Record> {
                 source: Arc::from("billing"),
                 ts_ms: 1_795_568_400_000,
                 seq: i as u64,
-                fields: names
-                    .iter()
-                    .cloned()
-                    .zip(values)
-                    .map(|(name, value)| Field { name, value })
-                    .collect(),
+                names: names.clone(),
+                values: Vec::from(values),
             }
         })
         .collect()

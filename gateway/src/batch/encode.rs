@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::json::{line_prefix, write_value, Padded, Slack};
-use crate::collect::{Record, Value};
+use crate::collect::{Names, Record, Value};
 use crate::policy::{Action, Policy, Tally};
 
 /// The last text input of a transforming rule and its rendered output (`None`: dropped).
@@ -44,7 +44,7 @@ struct Plan {
     /// Held so that the policy's address, part of the key the plan is found by, cannot be
     /// reused by another policy while the plan exists.
     _policy: Arc<Policy>,
-    layout: Vec<Arc<str>>,
+    layout: Names,
     steps: Vec<Step>,
     /// Outcome name per position of the layout.
     outcomes: Vec<&'static str>,
@@ -53,7 +53,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(policy: &Arc<Policy>, layout: Vec<Arc<str>>) -> Self {
+    fn new(policy: &Arc<Policy>, layout: Names) -> Self {
         let mut t = Tally {
             records: 1,
             ..Tally::default()
@@ -100,12 +100,12 @@ impl Plan {
     }
 
     fn fits(&self, rec: &Record) -> bool {
-        self.layout.len() == rec.fields.len()
+        self.layout.len() == rec.names.len()
             && self
                 .layout
                 .iter()
-                .zip(&rec.fields)
-                .all(|(a, f)| Arc::ptr_eq(a, &f.name) || **a == *f.name)
+                .zip(rec.names.iter())
+                .all(|(a, n)| Arc::ptr_eq(a, n) || **a == **n)
     }
 }
 
@@ -115,13 +115,12 @@ impl Plan {
 pub struct LayoutPlans(Arc<Mutex<HashMap<PlanKey, Arc<Plan>>>>);
 
 /// A policy's address and a field layout.
-type PlanKey = (usize, Vec<Arc<str>>);
+type PlanKey = (usize, Names);
 
 impl LayoutPlans {
     fn get(&self, policy: &Arc<Policy>, rec: &Record) -> Arc<Plan> {
-        let layout: Vec<Arc<str>> = rec.fields.iter().map(|f| f.name.clone()).collect();
         // The policy's address tells policies apart (each plan holds its policy).
-        let k = (Arc::as_ptr(policy) as usize, layout);
+        let k = (Arc::as_ptr(policy) as usize, rec.names.clone());
         // A poisoned lock only means another encoder panicked mid-insert: the map is intact.
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = map.get(&k) {
@@ -147,6 +146,8 @@ pub struct SourceEncoder {
     plans: LayoutPlans,
     prefix: Padded,
     plan: Option<Arc<Plan>>,
+    /// The names list last found to fit the plan: records sharing it fit without a look.
+    fitted: Option<Names>,
     seen: Vec<Seen>,
     /// Records encoded with the current plan since the last flush of the counts.
     uses: u64,
@@ -178,6 +179,7 @@ impl SourceEncoder {
             plans,
             prefix: line_prefix(source),
             plan: None,
+            fitted: None,
             seen: Vec::new(),
             uses: 0,
             last_failed: Vec::new(),
@@ -229,8 +231,15 @@ impl SourceEncoder {
 
     /// Appends the record, de-identified, as one JSON line; returns what the policy did.
     pub fn encode(&mut self, rec: &Record, out: &mut Vec<u8>) -> Tally {
-        if !self.plan.as_ref().is_some_and(|p| p.fits(rec)) {
-            self.replan(rec);
+        if !self
+            .fitted
+            .as_ref()
+            .is_some_and(|n| Arc::ptr_eq(n, &rec.names))
+        {
+            if !self.plan.as_ref().is_some_and(|p| p.fits(rec)) {
+                self.replan(rec);
+            }
+            self.fitted = Some(rec.names.clone());
         }
         // Borrowed, not cloned: an `Arc` clone per record is two atomic operations on a count
         // the encoders of every source on the profile share.
@@ -245,25 +254,25 @@ impl SourceEncoder {
         let mut tally = plan.tally;
         self.uses += 1;
         self.last_failed.clear();
-        for (i, (f, step)) in rec.fields.iter().zip(plan.steps.iter()).enumerate() {
+        for (i, (value, step)) in rec.values.iter().zip(plan.steps.iter()).enumerate() {
             match step {
                 Step::Skip => {}
                 Step::Keep { key } => {
                     w.key(key, sep);
                     sep = b',';
-                    w.value(&f.value);
+                    w.value(value);
                 }
                 Step::Transform { key, action, slot } => {
                     let seen = &mut self.seen[*slot];
                     let local;
-                    let bytes = if let Value::Text(t) = &f.value {
+                    let bytes = if let Value::Text(t) = value {
                         // Text repeats (tags): transform once per distinct value.
                         if !seen.last.as_ref().is_some_and(|(s, _)| Arc::ptr_eq(s, t)) {
-                            seen.last = Some((t.clone(), render(action, &f.value)));
+                            seen.last = Some((t.clone(), render(action, value)));
                         }
                         seen.last.as_ref().and_then(|(_, b)| b.as_ref())
                     } else {
-                        local = render(action, &f.value);
+                        local = render(action, value);
                         local.as_ref()
                     };
                     match bytes {
@@ -303,7 +312,7 @@ fn render(action: &Action, v: &Value) -> Option<Padded> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collect::Field;
+    use crate::collect::{Field, LayoutCache};
     use crate::config::{ActionKind, FieldRuleConfig, Grade, PolicyConfig};
 
     fn policy() -> Arc<Policy> {
@@ -356,7 +365,8 @@ mod tests {
         Arc::new(Policy::compile(&cfg, Some(&key)).unwrap())
     }
 
-    fn rec(seq: u64, names: &[Arc<str>], meter: &Arc<str>) -> Record {
+    /// A record of these names; the same `cache` gives records of one layout one names list.
+    fn rec_in(cache: &mut LayoutCache, seq: u64, names: &[Arc<str>], meter: &Arc<str>) -> Record {
         let addr = if seq % 3 == 0 {
             "天津市和平区南京路1号"
         } else {
@@ -375,17 +385,21 @@ mod tests {
             Value::Float(seq as f64 / 7.0),
             Value::Text(Arc::from(format!("回电13812345{:03}，其余正常", seq))),
         ];
-        Record {
-            source: Arc::from("src"),
-            ts_ms: 1_795_568_400_000 + seq as i64,
+        cache.record(
+            Arc::from("src"),
+            1_795_568_400_000 + seq as i64,
             seq,
-            fields: names
+            names
                 .iter()
                 .cloned()
                 .zip(values)
                 .map(|(name, value)| Field { name, value })
                 .collect(),
-        }
+        )
+    }
+
+    fn rec(seq: u64, names: &[Arc<str>], meter: &Arc<str>) -> Record {
+        rec_in(&mut LayoutCache::default(), seq, names, meter)
     }
 
     #[test]
@@ -411,10 +425,16 @@ mod tests {
             Arc::from("WTR-9"),
             Arc::from(""),
         ];
+        let mut cache = LayoutCache::default();
         for seq in 0..60u64 {
             let layout = if seq % 7 < 4 { &names } else { &other };
             let meter = &meters[(seq / 5) as usize % meters.len()];
-            let r = rec(seq, layout, meter);
+            // Shared names lists, and (every third record) a list of its own, found to fit by
+            // comparing names.
+            let r = match seq % 3 {
+                0 => rec(seq, layout, meter),
+                _ => rec_in(&mut cache, seq, layout, meter),
+            };
             let mut fused = Vec::new();
             let t1 = enc.encode(&r, &mut fused);
             let mut applied = r.clone();
@@ -489,24 +509,25 @@ mod tests {
             name: Arc::from(n),
             value: v,
         };
-        let r1 = |seq, rv: Value| Record {
-            source: Arc::from("s"),
-            ts_ms: 0,
-            seq,
-            fields: vec![
-                field("a", Value::Int(1)),
-                field("d", Value::Int(2)),
-                field("r", rv),
-                field("z", Value::Int(3)),
-            ],
+        let r1 = |seq, rv: Value| {
+            Record::new(
+                Arc::from("s"),
+                0,
+                seq,
+                vec![
+                    field("a", Value::Int(1)),
+                    field("d", Value::Int(2)),
+                    field("r", rv),
+                    field("z", Value::Int(3)),
+                ],
+            )
         };
         let mut out = Vec::new();
         enc.encode(&r1(1, Value::Float(1.26)), &mut out);
         // Not a number: round cannot apply, the field is dropped.
         enc.encode(&r1(2, Value::Text(Arc::from("n/a"))), &mut out);
         // Another layout.
-        let mut r3 = r1(3, Value::Float(2.0));
-        r3.fields.truncate(1);
+        let r3 = Record::new(Arc::from("s"), 0, 3, vec![field("a", Value::Float(2.0))]);
         enc.encode(&r3, &mut out);
         // Back to the first layout, with a failure; this record is carried to the next batch.
         enc.encode(&r1(4, Value::Text(Arc::from("?"))), &mut out);

@@ -13,13 +13,13 @@ pub fn encode_line(rec: &Record, out: &mut Vec<u8>) {
     w.array(b",\"ts\":\"");
     w.ts_seq(rec.ts_ms, rec.seq);
     w.byte(b'{');
-    for (i, f) in rec.fields.iter().enumerate() {
+    for (i, (name, value)) in rec.fields().enumerate() {
         if i > 0 {
             w.byte(b',');
         }
-        w.str(&f.name);
+        w.str(name);
         w.byte(b':');
-        w.value(&f.value);
+        w.value(value);
     }
     w.array(b"}}\n");
 }
@@ -328,15 +328,15 @@ mod tests {
         let long: String = (0..3000)
             .map(|i| ['"', '\\', '\u{1}', '张', '\n', 'a', 'b'][i % 7])
             .collect();
-        let mut r = Record {
-            source: Arc::from("s\"x"),
-            ts_ms: 0,
-            seq: 1,
-            fields: vec![Field {
+        let mut r = Record::new(
+            Arc::from("s\"x"),
+            0,
+            1,
+            vec![Field {
                 name: Arc::from("t"),
                 value: Value::Text(Arc::from(long.as_str())),
             }],
-        };
+        );
         let mut out = b"earlier\n".to_vec();
         encode_line(&r, &mut out);
         assert!(out.starts_with(b"earlier\n"));
@@ -344,7 +344,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out[8..]).unwrap();
         assert_eq!(v["fields"]["t"], long.as_str());
         assert_eq!(v["source"], "s\"x");
-        r.fields.clear();
+        (r.names, r.values) = (Arc::from([]), Vec::new());
         let mut empty = Vec::new();
         encode_line(&r, &mut empty);
         let v: serde_json::Value = serde_json::from_slice(&empty).unwrap();

@@ -254,21 +254,20 @@ mod tests {
     use crate::collect::{Field, Value};
 
     fn rec(seq: u64) -> Record {
-        Record {
-            source: Arc::from("s"),
-            ts_ms: 1_700_000_000_000,
+        Record::new(
+            Arc::from("s"),
+            1_700_000_000_000,
             seq,
-            fields: vec![Field {
+            vec![Field {
                 name: Arc::from("v"),
                 value: Value::Float(1.25),
             }],
-        }
+        )
     }
 
     #[test]
     fn strings_are_escaped_and_non_finite_floats_are_null() {
-        let mut r = rec(1);
-        r.fields = vec![
+        let fields = vec![
             Field {
                 name: Arc::from("q\"uote"),
                 value: Value::Text(Arc::from("a\\b\n\u{1}张")),
@@ -290,6 +289,7 @@ mod tests {
                 value: Value::Bool(false),
             },
         ];
+        let r = Record::new(Arc::from("s"), 0, 1, fields);
         let mut out = Vec::new();
         encode_line(&r, &mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

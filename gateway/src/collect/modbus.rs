@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use super::points::ReadPlan;
 use super::points::{Read, ReadData};
-use super::{Field, Record};
+use super::{Names, Record, Value};
 use crate::config::{Config, PointConfig, RegisterKind, SourceConfig};
 use crate::stats::SourceStats;
 use crate::timefmt::now_ms;
@@ -41,7 +41,7 @@ pub struct ModbusTcpSource {
     pub interval: Duration,
     pub timeout: Duration,
     pub plan: Arc<ReadPlan>,
-    pub tags: Vec<Field>,
+    pub layout: DeviceLayout,
     pub stats: Arc<SourceStats>,
     /// The gateway's totals, so losses reach the audit trail.
     pub pipeline: Option<Arc<crate::stats::PipelineStats>>,
@@ -69,8 +69,8 @@ impl ModbusTcpSource {
             unit: cfg.unit,
             interval: cfg.interval.0,
             timeout: cfg.timeout.0,
+            layout: DeviceLayout::new(&plan, &cfg.tags),
             plan,
-            tags: super::tag_fields(&cfg.tags),
             stats,
             pipeline: None,
         })
@@ -129,7 +129,7 @@ impl ModbusTcpSource {
                     let polled = Polled {
                         id: &self.id,
                         plan: &self.plan,
-                        tags: &self.tags,
+                        layout: &self.layout,
                         stats: &self.stats,
                     };
                     let rec = match polled.record(&data, ts_ms, next_seq) {
@@ -175,15 +175,7 @@ impl ModbusTcpSource {
             Ok(()) => {}
             Err(PollError::Exception(e)) | Err(PollError::Broken(e)) => return Err(e),
         }
-        let mut fields = Vec::new();
-        self.plan.decode(&data, &mut fields)?;
-        fields.extend(self.tags.iter().cloned());
-        Ok(Record {
-            source: self.id.clone(),
-            ts_ms: now_ms(),
-            seq: 1,
-            fields,
-        })
+        self.layout.record(&self.id, &self.plan, &data, now_ms(), 1)
     }
 
     fn fail(&self, e: &str) {
@@ -213,24 +205,61 @@ impl ModbusTcpSource {
 pub(crate) struct Polled<'a> {
     pub id: &'a Arc<str>,
     pub plan: &'a ReadPlan,
-    pub tags: &'a [Field],
+    pub layout: &'a DeviceLayout,
     pub stats: &'a SourceStats,
 }
 
 impl Polled<'_> {
     /// Decodes the poll's data, adds the tags and counts the good poll.
     pub fn record(&self, data: &[ReadData], ts_ms: i64, seq: u64) -> Result<Record, String> {
-        let mut fields = Vec::with_capacity(self.plan.point_count() + self.tags.len());
-        self.plan.decode(data, &mut fields)?;
-        fields.extend(self.tags.iter().cloned());
+        let rec = self.layout.record(self.id, self.plan, data, ts_ms, seq)?;
         self.stats.polls_ok.fetch_add(1, Relaxed);
         self.stats.records.fetch_add(1, Relaxed);
         self.stats.last_ok_ms.store(ts_ms, Relaxed);
+        Ok(rec)
+    }
+}
+
+/// What every record of one device shares: the names of its points and then of its tags
+/// (one list for all its records), and the tags' values.
+#[derive(Debug)]
+pub struct DeviceLayout {
+    names: Names,
+    tags: Vec<Value>,
+}
+
+impl DeviceLayout {
+    pub fn new(plan: &ReadPlan, tags: &std::collections::BTreeMap<String, String>) -> Self {
+        let tags = super::tag_fields(tags);
+        let names = plan
+            .point_names()
+            .chain(tags.iter().map(|t| &t.name))
+            .cloned()
+            .collect();
+        Self {
+            names,
+            tags: tags.into_iter().map(|t| t.value).collect(),
+        }
+    }
+
+    /// One poll's record: the points decoded from `data`, then the tags.
+    pub fn record(
+        &self,
+        source: &Arc<str>,
+        plan: &ReadPlan,
+        data: &[ReadData],
+        ts_ms: i64,
+        seq: u64,
+    ) -> Result<Record, String> {
+        let mut values = Vec::with_capacity(self.names.len());
+        plan.decode(data, &mut values)?;
+        values.extend(self.tags.iter().cloned());
         Ok(Record {
-            source: self.id.clone(),
+            source: source.clone(),
             ts_ms,
             seq,
-            fields,
+            names: self.names.clone(),
+            values,
         })
     }
 }

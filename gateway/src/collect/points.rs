@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Field, Value};
+use super::Value;
 use crate::config::{DataType, KeyPath, PointConfig, RegisterKind, WordOrder};
 
 /// Most registers one read may ask for (Modbus application protocol, function 03/04).
@@ -166,13 +166,18 @@ impl ReadPlan {
         self.points.len()
     }
 
+    /// The points' names, in plan order (the order [`Self::decode`] writes values in).
+    pub fn point_names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.points.iter().map(|p| &p.name)
+    }
+
     pub fn reads(&self) -> &[Read] {
         &self.reads
     }
 
     /// Decodes every point from the reads' results (in plan order). A reply shorter than
     /// asked is an error for the whole poll.
-    pub fn decode(&self, data: &[ReadData], out: &mut Vec<Field>) -> Result<(), String> {
+    pub fn decode(&self, data: &[ReadData], out: &mut Vec<Value>) -> Result<(), String> {
         if data.len() != self.reads.len() {
             return Err(format!(
                 "expected {} replies, got {}",
@@ -206,10 +211,7 @@ impl ReadPlan {
                     )
                 }
             };
-            out.push(Field {
-                name: p.name.clone(),
-                value,
-            });
+            out.push(value);
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::modbus::{hand_on, poll_plan, HandOn, Plans, PollError, Polled, ReadPlan};
 use super::points::ReadData;
-use super::{Field, Record};
+use super::Record;
 use crate::config::{Config, Parity, SourceConfig, SourceKind};
 use crate::stats::{PipelineStats, SourceStats, Stats};
 use crate::timefmt::now_ms;
@@ -64,7 +64,7 @@ pub struct RtuDevice {
     pub interval: Duration,
     pub timeout: Duration,
     pub plan: Arc<ReadPlan>,
-    pub tags: Vec<Field>,
+    pub layout: super::modbus::DeviceLayout,
     pub stats: Arc<SourceStats>,
     pub next_seq: u64,
 }
@@ -104,8 +104,8 @@ impl RtuBus {
                 unit: s.unit,
                 interval: s.interval.0,
                 timeout: s.timeout.0,
+                layout: super::modbus::DeviceLayout::new(&plan, &s.tags),
                 plan,
-                tags: super::tag_fields(&s.tags),
                 next_seq: next_seq(&s.id),
             };
             match buses.iter_mut().find(|b| b.port == port) {
@@ -199,7 +199,7 @@ impl RtuBus {
                     let polled = Polled {
                         id: &dev.id,
                         plan: &dev.plan,
-                        tags: &dev.tags,
+                        layout: &dev.layout,
                         stats: &dev.stats,
                     };
                     match polled.record(&data, ts_ms, dev.next_seq) {
@@ -255,15 +255,7 @@ impl RtuBus {
                 return Err(format!("unit {} on {}: {e}", dev.unit, bus.port))
             }
         }
-        let mut fields = Vec::new();
-        dev.plan.decode(&data, &mut fields)?;
-        fields.extend(dev.tags.iter().cloned());
-        Ok(Record {
-            source: dev.id.clone(),
-            ts_ms: now_ms(),
-            seq: 1,
-            fields,
-        })
+        dev.layout.record(&dev.id, &dev.plan, &data, now_ms(), 1)
     }
 
     fn open_logged(&self) -> Result<Context, String> {

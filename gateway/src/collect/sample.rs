@@ -47,12 +47,12 @@ pub fn read(
     while out.records.len() < limit {
         match reader.next_row().map_err(|e| format!("{name}: {e}"))? {
             None => break,
-            Some(Row::Good { ts_ms, fields, .. }) => out.records.push(Record {
-                source: source.clone(),
-                ts_ms: ts_ms.unwrap_or_else(crate::timefmt::now_ms),
-                seq: out.records.len() as u64 + 1,
+            Some(Row::Good { ts_ms, fields, .. }) => out.records.push(Record::new(
+                source.clone(),
+                ts_ms.unwrap_or_else(crate::timefmt::now_ms),
+                out.records.len() as u64 + 1,
                 fields,
-            }),
+            )),
             Some(Row::Bad { line, reason }) => out.bad.push(format!("{name}:{line}: {reason}")),
         }
     }

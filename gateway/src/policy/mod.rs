@@ -218,32 +218,38 @@ impl Policy {
             records: 1,
             ..Tally::default()
         };
-        rec.fields
-            .retain_mut(|f| match self.rules.get(&f.name).map(|r| &r.action) {
+        let mut names = Vec::with_capacity(rec.names.len());
+        let mut values = Vec::with_capacity(rec.values.len());
+        for (name, value) in rec.names.iter().zip(std::mem::take(&mut rec.values)) {
+            let value = match self.rules.get(name).map(|r| &r.action) {
                 None => {
                     t.unlisted += 1;
-                    false
+                    continue;
                 }
                 Some(Action::Keep) => {
                     t.kept += 1;
-                    true
+                    value
                 }
                 Some(Action::Drop) => {
                     t.dropped += 1;
-                    false
+                    continue;
                 }
-                Some(action) => match action.transform(&f.value) {
+                Some(action) => match action.transform(&value) {
                     Some(v) => {
                         t.masked += 1;
-                        f.value = v;
-                        true
+                        v
                     }
                     None => {
                         t.dropped += 1;
-                        false
+                        continue;
                     }
                 },
-            });
+            };
+            names.push(name.clone());
+            values.push(value);
+        }
+        rec.names = names.into();
+        rec.values = values;
         t
     }
 }
@@ -424,17 +430,17 @@ mod tests {
             name: Arc::from(n),
             value: v,
         };
-        let mut rec = Record {
-            source: Arc::from("s"),
-            ts_ms: 0,
-            seq: 0,
-            fields: vec![
+        let mut rec = Record::new(
+            Arc::from("s"),
+            0,
+            0,
+            vec![
                 f("flow", Value::Float(1.5)),
                 f("meter", Value::Text(Arc::from("WTR-000317"))),
                 f("secret", Value::Int(7)),
                 f("other", Value::Int(9)),
             ],
-        };
+        );
         let t = p.apply(&mut rec);
         assert_eq!(
             t,
@@ -446,13 +452,11 @@ mod tests {
                 unlisted: 1
             }
         );
-        assert_eq!(
-            rec.fields,
-            vec![
-                f("flow", Value::Float(1.5)),
-                f("meter", Value::Text(Arc::from("WTR*******")))
-            ]
-        );
+        let want = vec![
+            f("flow", Value::Float(1.5)),
+            f("meter", Value::Text(Arc::from("WTR*******"))),
+        ];
+        assert_eq!(rec, Record::new(Arc::from("s"), 0, 0, want));
     }
 
     #[test]

@@ -64,20 +64,15 @@ pub fn build(policy_name: &str, policy: &Policy, records: &[Record]) -> Preview 
         let mut out = rec.clone();
         total.add(&policy.apply(&mut out));
         let fields = rec
-            .fields
-            .iter()
-            .map(|f| {
-                let rule = policy.rule(&f.name);
+            .fields()
+            .map(|(name, value)| {
+                let rule = policy.rule(name);
                 FieldView {
-                    name: f.name.to_string(),
+                    name: name.to_string(),
                     rule: rule.map_or("no rule: dropped".into(), |r| rule_name(&r.action)),
                     grade: rule.map(|r| format!("{:?}", r.grade).to_lowercase()),
-                    input: show(&f.value),
-                    out: out
-                        .fields
-                        .iter()
-                        .find(|o| o.name == f.name)
-                        .map(|o| show(&o.value)),
+                    input: show(value),
+                    out: out.get(name).map(show),
                 }
             })
             .collect();

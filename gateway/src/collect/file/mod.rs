@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use rows::{Layout, Row, RowReader};
 
-use super::Record;
+use super::{LayoutCache, Record};
 use crate::config::{AfterIngest, SourceConfig};
 use crate::outbox::files::{FileEntry, FileState};
 use crate::outbox::Outbox;
@@ -515,6 +515,7 @@ impl ReadJob {
             self.layout.clone(),
         );
         let mut seq = self.first_seq;
+        let mut layouts = LayoutCache::default();
         let mut bad: Vec<(u64, String)> = Vec::new();
         let mut out: Vec<Record> = Vec::with_capacity(SEND_CHUNK);
         let name = file_name(&self.path);
@@ -554,12 +555,12 @@ impl ReadJob {
                     if this < self.from {
                         continue;
                     }
-                    out.push(Record {
-                        source: self.source.clone(),
-                        ts_ms: ts_ms.unwrap_or_else(now_ms),
-                        seq: this,
+                    out.push(layouts.record(
+                        self.source.clone(),
+                        ts_ms.unwrap_or_else(now_ms),
+                        this,
                         fields,
-                    });
+                    ));
                     if out.len() >= SEND_CHUNK && !self.send(&mut out) {
                         flush(&mut bad);
                         return Read::Stopped;
