@@ -181,13 +181,15 @@ pub async fn run(
         let mut t = Tally::default();
         for rec in inbox.drain(..) {
             // Looked up by reference: `entry` would take (and drop) a clone of the name per
-            // record, two atomic operations on a count every source's records share.
-            if !encoders.contains_key(&rec.source) {
-                let e = SourceEncoder::with_plans(&rec.source, Arc::default(), plans.clone());
-                encoders.insert(rec.source.clone(), e);
-            }
-            let Some(enc) = encoders.get_mut(&rec.source) else {
-                unreachable!("inserted above")
+            // record, two atomic operations on a count every source's records share. Every
+            // configured source has its encoder from the start, so a record costs one
+            // look-up; the insert is for the others (not possible after validation).
+            let enc = match encoders.get_mut(&rec.source) {
+                Some(enc) => enc,
+                None => {
+                    let e = SourceEncoder::with_plans(&rec.source, Arc::default(), plans.clone());
+                    encoders.entry(rec.source.clone()).or_insert(e)
+                }
             };
             let mut tally = Tally::default();
             let closed = batcher.push_with(&rec.source, rec.seq, |out| {

@@ -143,29 +143,53 @@ impl Tally {
     }
 }
 
-/// FNV-1a: field names are short and trusted (they come from the config), so a simple
-/// fast hash serves the per-field lookup better than SipHash's flood resistance.
+/// A hash taking eight bytes a step, each mixed in by a folded multiply (the 128-bit product
+/// of state and word, its halves XORed, so that every input bit reaches every output bit).
+/// The keys are field and source names from the config (maps of them are never filled from
+/// outside input), so a fast hash serves these per-record look-ups better than SipHash's
+/// flood resistance; FNV-1a, used before, took one byte a step, and the batch stage hashes a
+/// source's name for every record. (A multiply-rotate step, FxHash's, was tried: names that
+/// differ in a word's last byte and in the tail collided in all 64 bits.)
 #[derive(Clone, Copy)]
-pub struct Fnv(u64);
+pub struct WordHasher(u64);
 
-impl Default for Fnv {
+impl Default for WordHasher {
     fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
+        Self(0x243f_6a88_85a3_08d3)
     }
 }
 
-impl std::hash::Hasher for Fnv {
+impl WordHasher {
+    fn add(&mut self, word: u64) {
+        let m = u128::from(self.0 ^ word) * 0x517c_c1b7_2722_0a95;
+        self.0 = m as u64 ^ (m >> 64) as u64;
+    }
+}
+
+impl std::hash::Hasher for WordHasher {
     fn finish(&self) -> u64 {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            if let Ok(w) = <[u8; 8]>::try_from(w) {
+                self.add(u64::from_le_bytes(w));
+            }
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            // The length in the top byte: `"ab"` and `"ab\0"` must differ.
+            let tail = rest
+                .iter()
+                .enumerate()
+                .fold(0u64, |t, (i, &b)| t | u64::from(b) << (8 * i));
+            self.add(tail | (rest.len() as u64) << 56);
         }
     }
 }
 
-pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<WordHasher>>;
 
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -457,6 +481,17 @@ mod tests {
             f("meter", Value::Text(Arc::from("WTR*******"))),
         ];
         assert_eq!(rec, Record::new(Arc::from("s"), 0, 0, want));
+    }
+
+    #[test]
+    fn the_word_hash_tells_names_apart() {
+        use std::hash::BuildHasher;
+        let h = std::hash::BuildHasherDefault::<WordHasher>::default();
+        let mut names: Vec<String> = (0..100_000).map(|i| format!("pump-station-{i}")).collect();
+        names.extend(["", "a", "a\0", "ab", "ab\0", "abcdefgh", "abcdefgh\0"].map(String::from));
+        let hashes: std::collections::HashSet<u64> =
+            names.iter().map(|n| h.hash_one(n.as_str())).collect();
+        assert_eq!(hashes.len(), names.len());
     }
 
     #[test]
