@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::json::{line_prefix, write_value, Padded, Slack};
-use crate::collect::{Names, Record, Value};
+use crate::collect::{same_names, Names, Record, Value};
 use crate::policy::{Action, Policy, Tally};
 
 /// The last text input of a transforming rule and its rendered output (`None`: dropped).
@@ -100,12 +100,7 @@ impl Plan {
     }
 
     fn fits(&self, rec: &Record) -> bool {
-        self.layout.len() == rec.names.len()
-            && self
-                .layout
-                .iter()
-                .zip(rec.names.iter())
-                .all(|(a, n)| Arc::ptr_eq(a, n) || **a == **n)
+        same_names(&self.layout, rec.names.iter())
     }
 }
 

@@ -44,15 +44,7 @@ impl Record {
     /// A record of these fields, with a names list of its own (one-off records: previews,
     /// tests). Sources with a fixed layout share one list; see [`LayoutCache`].
     pub fn new(source: Arc<str>, ts_ms: i64, seq: u64, fields: Vec<Field>) -> Self {
-        let names = fields.iter().map(|f| f.name.clone()).collect();
-        let values = fields.into_iter().map(|f| f.value).collect();
-        Self {
-            source,
-            ts_ms,
-            seq,
-            names,
-            values,
-        }
+        LayoutCache::default().record(source, ts_ms, seq, fields)
     }
 
     /// The fields as (name, value) pairs, in order.
@@ -66,6 +58,12 @@ impl Record {
     }
 }
 
+/// Whether two lists hold the same names in the same order (by pointer first: names of
+/// one layout are usually the same allocations).
+pub fn same_names<'a>(a: &[Arc<str>], b: impl ExactSizeIterator<Item = &'a Arc<str>>) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
+}
+
 /// Gives records of a source whose layout can change from record to record (the columns
 /// present in a file row) the names list of the previous record when their names are the
 /// same, so that a steady layout shares one list.
@@ -76,12 +74,10 @@ pub struct LayoutCache {
 
 impl LayoutCache {
     pub fn record(&mut self, source: Arc<str>, ts_ms: i64, seq: u64, fields: Vec<Field>) -> Record {
-        let same = self.last.as_ref().is_some_and(|n| {
-            n.len() == fields.len()
-                && n.iter()
-                    .zip(&fields)
-                    .all(|(a, f)| Arc::ptr_eq(a, &f.name) || *a == f.name)
-        });
+        let same = self
+            .last
+            .as_ref()
+            .is_some_and(|n| same_names(n, fields.iter().map(|f| &f.name)));
         if !same {
             self.last = Some(fields.iter().map(|f| f.name.clone()).collect());
         }

@@ -40,7 +40,6 @@ pub struct ModbusTcpSource {
     pub unit: u8,
     pub interval: Duration,
     pub timeout: Duration,
-    pub plan: Arc<ReadPlan>,
     pub layout: DeviceLayout,
     pub stats: Arc<SourceStats>,
     /// The gateway's totals, so losses reach the audit trail.
@@ -69,8 +68,7 @@ impl ModbusTcpSource {
             unit: cfg.unit,
             interval: cfg.interval.0,
             timeout: cfg.timeout.0,
-            layout: DeviceLayout::new(&plan, &cfg.tags),
-            plan,
+            layout: DeviceLayout::new(plan, &cfg.tags),
             stats,
             pipeline: None,
         })
@@ -89,7 +87,7 @@ impl ModbusTcpSource {
         let mut reconnect_at = Instant::now();
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let mut data: Vec<ReadData> = Vec::with_capacity(self.plan.reads().len());
+        let mut data: Vec<ReadData> = Vec::with_capacity(self.layout.plan().reads().len());
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -128,7 +126,6 @@ impl ModbusTcpSource {
                 Ok(()) => {
                     let polled = Polled {
                         id: &self.id,
-                        plan: &self.plan,
                         layout: &self.layout,
                         stats: &self.stats,
                     };
@@ -175,7 +172,7 @@ impl ModbusTcpSource {
             Ok(()) => {}
             Err(PollError::Exception(e)) | Err(PollError::Broken(e)) => return Err(e),
         }
-        self.layout.record(&self.id, &self.plan, &data, now_ms(), 1)
+        self.layout.record(&self.id, &data, now_ms(), 1)
     }
 
     fn fail(&self, e: &str) {
@@ -197,14 +194,13 @@ impl ModbusTcpSource {
     }
 
     async fn poll(&self, ctx: &mut Context, data: &mut Vec<ReadData>) -> Result<(), PollError> {
-        poll_plan(ctx, &self.plan, self.timeout, &self.stats, data).await
+        poll_plan(ctx, self.layout.plan(), self.timeout, &self.stats, data).await
     }
 }
 
 /// One device's answer to a poll, made into a record (shared by TCP and RTU).
 pub(crate) struct Polled<'a> {
     pub id: &'a Arc<str>,
-    pub plan: &'a ReadPlan,
     pub layout: &'a DeviceLayout,
     pub stats: &'a SourceStats,
 }
@@ -212,7 +208,7 @@ pub(crate) struct Polled<'a> {
 impl Polled<'_> {
     /// Decodes the poll's data, adds the tags and counts the good poll.
     pub fn record(&self, data: &[ReadData], ts_ms: i64, seq: u64) -> Result<Record, String> {
-        let rec = self.layout.record(self.id, self.plan, data, ts_ms, seq)?;
+        let rec = self.layout.record(self.id, data, ts_ms, seq)?;
         self.stats.polls_ok.fetch_add(1, Relaxed);
         self.stats.records.fetch_add(1, Relaxed);
         self.stats.last_ok_ms.store(ts_ms, Relaxed);
@@ -220,16 +216,17 @@ impl Polled<'_> {
     }
 }
 
-/// What every record of one device shares: the names of its points and then of its tags
-/// (one list for all its records), and the tags' values.
+/// What every record of one device shares: its read plan, the names of its points and then
+/// of its tags (one list for all its records), and the tags' values.
 #[derive(Debug)]
 pub struct DeviceLayout {
+    plan: Arc<ReadPlan>,
     names: Names,
     tags: Vec<Value>,
 }
 
 impl DeviceLayout {
-    pub fn new(plan: &ReadPlan, tags: &std::collections::BTreeMap<String, String>) -> Self {
+    pub fn new(plan: Arc<ReadPlan>, tags: &std::collections::BTreeMap<String, String>) -> Self {
         let tags = super::tag_fields(tags);
         let names = plan
             .point_names()
@@ -237,22 +234,27 @@ impl DeviceLayout {
             .cloned()
             .collect();
         Self {
+            plan,
             names,
             tags: tags.into_iter().map(|t| t.value).collect(),
         }
+    }
+
+    /// The reads a poll makes (shared by the devices of one profile).
+    pub fn plan(&self) -> &ReadPlan {
+        &self.plan
     }
 
     /// One poll's record: the points decoded from `data`, then the tags.
     pub fn record(
         &self,
         source: &Arc<str>,
-        plan: &ReadPlan,
         data: &[ReadData],
         ts_ms: i64,
         seq: u64,
     ) -> Result<Record, String> {
         let mut values = Vec::with_capacity(self.names.len());
-        plan.decode(data, &mut values)?;
+        self.plan.decode(data, &mut values)?;
         values.extend(self.tags.iter().cloned());
         Ok(Record {
             source: source.clone(),

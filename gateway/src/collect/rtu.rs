@@ -20,7 +20,7 @@ use tokio_modbus::Slave;
 use tokio_serial::{DataBits, SerialPortBuilderExt as _, StopBits};
 use tokio_util::sync::CancellationToken;
 
-use super::modbus::{hand_on, poll_plan, HandOn, Plans, PollError, Polled, ReadPlan};
+use super::modbus::{hand_on, poll_plan, HandOn, Plans, PollError, Polled};
 use super::points::ReadData;
 use super::Record;
 use crate::config::{Config, Parity, SourceConfig, SourceKind};
@@ -63,7 +63,6 @@ pub struct RtuDevice {
     pub unit: u8,
     pub interval: Duration,
     pub timeout: Duration,
-    pub plan: Arc<ReadPlan>,
     pub layout: super::modbus::DeviceLayout,
     pub stats: Arc<SourceStats>,
     pub next_seq: u64,
@@ -104,8 +103,7 @@ impl RtuBus {
                 unit: s.unit,
                 interval: s.interval.0,
                 timeout: s.timeout.0,
-                layout: super::modbus::DeviceLayout::new(&plan, &s.tags),
-                plan,
+                layout: super::modbus::DeviceLayout::new(plan, &s.tags),
                 next_seq: next_seq(&s.id),
             };
             match buses.iter_mut().find(|b| b.port == port) {
@@ -192,13 +190,12 @@ impl RtuBus {
             tokio::time::sleep_until(quiet_until).await;
             let ts_ms = now_ms();
             data.clear();
-            let outcome = poll_plan(c, &dev.plan, dev.timeout, &dev.stats, &mut data).await;
+            let outcome = poll_plan(c, dev.layout.plan(), dev.timeout, &dev.stats, &mut data).await;
             quiet_until = Instant::now() + self.gap;
             let err = match outcome {
                 Ok(()) => {
                     let polled = Polled {
                         id: &dev.id,
-                        plan: &dev.plan,
                         layout: &dev.layout,
                         stats: &dev.stats,
                     };
@@ -249,13 +246,21 @@ impl RtuBus {
         let mut ctx = bus.open().map_err(|e| format!("open {}: {e}", bus.port))?;
         ctx.set_slave(Slave(dev.unit));
         let mut data = Vec::new();
-        match poll_plan(&mut ctx, &dev.plan, dev.timeout, &dev.stats, &mut data).await {
+        match poll_plan(
+            &mut ctx,
+            dev.layout.plan(),
+            dev.timeout,
+            &dev.stats,
+            &mut data,
+        )
+        .await
+        {
             Ok(()) => {}
             Err(PollError::Exception(e) | PollError::Broken(e)) => {
                 return Err(format!("unit {} on {}: {e}", dev.unit, bus.port))
             }
         }
-        dev.layout.record(&dev.id, &dev.plan, &data, now_ms(), 1)
+        dev.layout.record(&dev.id, &data, now_ms(), 1)
     }
 
     fn open_logged(&self) -> Result<Context, String> {
