@@ -171,7 +171,7 @@ pub async fn run(
             _ = sleep_until_opt(deadline) => {
                 if let Some(mut b) = batcher.take() {
                     flush_rules(&mut encoders, &mut b, None);
-                    if tx.send(b).await.is_err() {
+                    if !hand_on(&tx, b).await {
                         return;
                     }
                 }
@@ -200,7 +200,7 @@ pub async fn run(
             if let Some(mut b) = closed {
                 let carried = batcher.carried().then_some(&rec.source);
                 flush_rules(&mut encoders, &mut b, carried);
-                if tx.send(b).await.is_err() {
+                if !hand_on(&tx, b).await {
                     return;
                 }
             }
@@ -215,6 +215,38 @@ pub async fn run(
         flush_rules(&mut encoders, &mut b, None);
         let _ = tx.send(b).await;
     }
+}
+
+/// Hands a closed batch to the seal stage and lets the seal stage start on it now; false when
+/// the seal stage is gone.
+async fn hand_on(tx: &mpsc::Sender<Batch>, b: Batch) -> bool {
+    if tx.send(b).await.is_err() {
+        return false;
+    }
+    yield_to_woken().await;
+    true
+}
+
+/// Lets a task this one has just woken run now, on the other worker if this one is wanted.
+///
+/// tokio puts a task woken from a worker into that worker's LIFO slot, which other workers
+/// cannot steal (tokio-rs/tokio#4941): the seal task woken by a batch waited behind this
+/// stage, which encodes the next batch without yielding while records keep coming, for up to
+/// three batches while the other core idled (5-9 ms at the start of every burst in the
+/// pipeline benchmark). Waking itself and returning `Pending` puts this task at the back of
+/// the run queue, where an idle worker steals it, and the woken task runs first;
+/// `tokio::task::yield_now` would not do: it defers the wake until the worker parks.
+async fn yield_to_woken() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Moves every source's per-rule counts into the batch that closed; the record of `carried`
@@ -254,6 +286,41 @@ async fn sleep_until_opt(t: Option<Instant>) {
 mod tests {
     use super::*;
     use crate::collect::{Field, Value};
+
+    /// A task woken by a busy task runs before the busy one yields on its own: without
+    /// `yield_to_woken` it sits in the busy worker's LIFO slot, out of the idle worker's reach.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_woken_task_runs_while_the_waker_stays_busy() {
+        use std::sync::atomic::AtomicBool;
+        let ran = Arc::new(AtomicBool::new(false));
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let flag = ran.clone();
+        let woken = tokio::spawn(async move {
+            let _ = ready_tx.send(());
+            if rx.recv().await.is_some() {
+                flag.store(true, Relaxed);
+            }
+        });
+        let waker = tokio::spawn(async move {
+            ready_rx.await.unwrap();
+            // Let the woken task reach its `recv` and wait there.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(()).await.unwrap();
+            yield_to_woken().await;
+            // Busy, without yielding, as the batch stage is under load; bounded in time.
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while !ran.load(Relaxed) && std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            ran.load(Relaxed)
+        });
+        assert!(
+            waker.await.unwrap(),
+            "the woken task did not run while its waker was busy"
+        );
+        woken.await.unwrap();
+    }
 
     fn rec(seq: u64) -> Record {
         Record::new(
