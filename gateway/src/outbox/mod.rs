@@ -1298,6 +1298,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn frames_after_every_padding_length_are_indexed_after_a_crash() {
+        // The frame's own bytes besides the envelope, measured on one unpadded frame.
+        let scratch = tempfile::tempdir().unwrap();
+        let (ob, _, _h) = Outbox::open(scratch.path(), quota(1 << 20)).unwrap();
+        ob.append(1, 0, 1, vec![0; 100].into(), BTreeMap::new())
+            .await
+            .unwrap();
+        let file = scratch
+            .path()
+            .join(segments::DIR)
+            .join(segments::file_name(1));
+        let overhead = std::fs::metadata(&file).unwrap().len() as usize - 100;
+        drop(ob);
+
+        // Frames of one block less 0 to 62 bytes, each padded to the block: every padding
+        // length, including those shorter than a frame header, followed by a frame. One short
+        // of an index commit, so the crash leaves them all to be indexed from the file.
+        let n = FOLD_AT - 1;
+        let sizes: Vec<usize> = (0..n).map(|pad| 4096 - overhead - pad).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _, _h) = Outbox::open(dir.path(), quota(1 << 24)).unwrap();
+        for (i, &size) in sizes.iter().enumerate() {
+            ob.append(
+                i as u64 + 1,
+                0,
+                1,
+                vec![i as u8; size].into(),
+                BTreeMap::new(),
+            )
+            .await
+            .unwrap();
+        }
+        assert!(rows(dir.path()).is_empty());
+        let file = dir.path().join(segments::DIR).join(segments::file_name(1));
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().len(),
+            4096 * n as u64,
+            "every frame padded to its block"
+        );
+        std::mem::forget(ob);
+
+        let (ob, resume, _h) = Outbox::open(dir.path(), quota(1 << 24)).unwrap();
+        assert_eq!((resume.last_seq, resume.pending), (n as u64, n as u64));
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().len(),
+            4096 * n as u64,
+            "nothing cut"
+        );
+        for (i, &size) in sizes.iter().enumerate() {
+            let b = ob.next_pending(None).await.unwrap().unwrap();
+            assert_eq!((b.seq, b.envelope.len()), (i as u64 + 1, size));
+            assert!(b.envelope.iter().all(|&x| x == i as u8));
+            ob.ack(b.seq).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
     async fn a_frame_damaged_on_disk_is_quarantined_and_the_queue_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let (ob, _, h) = Outbox::open(dir.path(), quota(1 << 20)).unwrap();

@@ -13,7 +13,9 @@
 //! body (u32 BE), then the body: seq (u64 BE), created_ms (i64 BE), written_ms (i64 BE),
 //! records (u32 BE), meta length (u32 BE), meta (JSON: `{"s": {source: last record seq},
 //! "t": [fields kept, de-identified, dropped, without rule], "r": per-rule counts as in the
-//! audit trail}`, counts only, never a field value), the envelope.
+//! audit trail}`, counts only, never a field value), the envelope. A frame may be followed by
+//! zeros up to the next 4 KiB boundary (see `Writer::append`), as few as one: a reader at an
+//! unaligned offset takes a zero byte for padding, since every frame starts with the magic.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
