@@ -166,11 +166,25 @@ impl Outbox {
 
     /// A source's files not yet committed, in the order their records were numbered.
     pub async fn files_unfinished(&self, source: String) -> Result<Vec<FileEntry>, OutboxError> {
+        self.files_in(source, "0, 1").await
+    }
+
+    /// Files of `source` whose records are all committed and whose disposal is not recorded
+    /// (a stop came in between).
+    pub async fn files_committed(&self, source: String) -> Result<Vec<FileEntry>, OutboxError> {
+        self.files_in(source, "2").await
+    }
+
+    async fn files_in(
+        &self,
+        source: String,
+        states: &'static str,
+    ) -> Result<Vec<FileEntry>, OutboxError> {
         Ok(self
             .db
             .call(move |c| {
                 let mut stmt = c.prepare(&format!(
-                    "SELECT {COLUMNS} FROM files WHERE source = ?1 AND state IN (0, 1) ORDER BY first_seq"
+                    "SELECT {COLUMNS} FROM files WHERE source = ?1 AND state IN ({states}) ORDER BY first_seq"
                 ))?;
                 let rows = stmt.query_map([&source], entry)?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()

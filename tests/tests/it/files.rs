@@ -1,7 +1,7 @@
 //! The file-drop source end to end: GBK exports dropped into a spool, read through the
 //! policy, sealed, delivered; bad rows recorded by line; a wrong header rejected; marker
 //! files and moving; the same content never sent twice; SIGKILL mid-file loses and repeats
-//! nothing.
+//! nothing; a destruction cut short is finished at the next start.
 
 use std::path::Path;
 use std::time::Duration;
@@ -355,6 +355,14 @@ async fn sigkill_mid_file_resumes_without_losing_or_repeating_a_row() {
         .filter(|(k, _)| k == "file_ingested")
         .count();
     assert_eq!(ingested, FILES as usize, "each file on the trail once");
+    let disposed = audit_kinds(&world)
+        .into_iter()
+        .filter(|(k, _)| k == "file_disposed")
+        .count();
+    assert_eq!(
+        disposed, FILES as usize,
+        "each file's disposal on the trail once"
+    );
     let resumed = std::fs::read_to_string(&log)
         .unwrap()
         .matches("resuming a file")
@@ -362,4 +370,112 @@ async fn sigkill_mid_file_resumes_without_losing_or_repeating_a_row() {
     eprintln!("file crash loop: {KILLS} SIGKILLs, {resumed} restarts inside a file");
     assert!(resumed > 0, "at least one kill landed inside a file");
     rx.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destruction_cut_short_is_finished_at_the_next_start_and_put_on_the_trail() {
+    let world = World::new();
+    let spool = world.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let rx = start_receiver(&world, None).await;
+    gateway_config(&world, &rx.url(), "200ms", &billing_source(""));
+    let old = gbk(&billing_export(0, 50));
+    let sha = {
+        let p = world.path().join("old.csv");
+        std::fs::write(&p, &old).unwrap();
+        let sha = shuyuan::collect::file::sha256_file(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        sha
+    };
+    // The state a stop leaves part-way through destroying a file: in the ledger its records
+    // are committed (the calls the source makes before disposing of it), and in the spool it
+    // is under the destroying name with only its first block zeroed, personal data after it.
+    {
+        let quota = shuyuan::outbox::Quota {
+            max_bytes: 1 << 30,
+            on_full: shuyuan::config::OnFull::DropOldest,
+            min_free_disk: 0,
+        };
+        let state = world.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let (ob, _, h) = shuyuan::outbox::Outbox::open(&state, quota).unwrap();
+        committed_in_ledger(&ob, &sha, "bill-old.csv", 1, 50).await;
+        // And one whose destruction ended just before the stop: gone, its disposal unrecorded.
+        committed_in_ledger(&ob, &"0".repeat(64), "bill-gone.csv", 51, 60).await;
+        drop(ob);
+        h.join().unwrap();
+    }
+    let mut half = old.clone();
+    half[..4096].fill(0);
+    let hidden = spool.join(format!(".shuyuan-destroying-{sha}"));
+    std::fs::write(&hidden, &half).unwrap();
+    // A new export behind them goes through as usual.
+    write_export(&spool.join("bill-new.csv"), &gbk(&billing_export(100, 30))).unwrap();
+
+    let log = world.path().join("gateway.log");
+    let mut gw = spawn_gateway_process(&world, &log);
+    let done = wait_until(Duration::from_secs(30), || async {
+        rx.records(GATEWAY_ID).len() >= 30 && std::fs::read_dir(&spool).unwrap().next().is_none()
+    })
+    .await;
+    assert!(terminate(&mut gw, Duration::from_secs(20)).is_some_and(|s| s.success()));
+    assert!(
+        done,
+        "the spool emptied and the new export delivered ({} records)",
+        rx.records(GATEWAY_ID).len()
+    );
+    assert_eq!(
+        rx.records(GATEWAY_ID).len(),
+        30,
+        "nothing read from the old file"
+    );
+    let disposed: Vec<serde_json::Value> = audit_kinds(&world)
+        .into_iter()
+        .filter(|(k, _)| k == "file_disposed")
+        .map(|(_, d)| d)
+        .collect();
+    let note_of = |name: &str| {
+        disposed
+            .iter()
+            .find(|d| d["file"] == name)
+            .map(|d| d["note"].as_str().unwrap().to_string())
+    };
+    assert!(
+        note_of("bill-old.csv").is_some_and(|n| n.contains("finished at start")),
+        "{disposed:?}"
+    );
+    assert!(
+        note_of("bill-gone.csv").is_some_and(|n| n.contains("not in the spool at start")),
+        "{disposed:?}"
+    );
+    assert!(note_of("bill-new.csv").is_some(), "{disposed:?}");
+    assert_eq!(disposed.len(), 3, "each once: {disposed:?}");
+    rx.shutdown().await;
+}
+
+/// Records a file in the ledger as the source does up to disposing of it.
+async fn committed_in_ledger(
+    ob: &shuyuan::outbox::Outbox,
+    sha: &str,
+    name: &str,
+    first: u64,
+    last: u64,
+) {
+    use shuyuan::outbox::files::{FileEntry, FileState};
+    let entry = FileEntry {
+        sha256: sha.to_string(),
+        source: "billing".into(),
+        name: name.into(),
+        bytes: 10,
+        first_seq: first,
+        last_seq: None,
+        rows_bad: 0,
+        state: FileState::Reading,
+        started_ms: 0,
+        done_ms: None,
+        note: None,
+    };
+    ob.file_started(entry).await.unwrap();
+    ob.file_read(sha.to_string(), last).await.unwrap();
+    ob.file_committed(sha.to_string()).await.unwrap();
 }

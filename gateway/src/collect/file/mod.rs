@@ -119,6 +119,7 @@ impl FileSource {
         // Files seen and not to be looked at again while unchanged (rejected, or a duplicate
         // of one in progress): path → (length, modified).
         let mut skip: HashMap<PathBuf, (u64, SystemTime)> = HashMap::new();
+        self.finish_disposals().await;
         if let Err(e) = self
             .resume(&tx, &shutdown, &mut next_seq, &mut pending)
             .await
@@ -163,6 +164,61 @@ impl FileSource {
             }
         }
         tracing::debug!(source = %self.id, "source stopped");
+    }
+
+    /// Completes the disposals that a crash or power loss interrupted, and puts each on the
+    /// trail: files part-way through destruction (see [`DESTROYING`]) are destroyed, with their
+    /// markers; files committed whose disposal is not recorded and that are no longer in the
+    /// spool are recorded as disposed (one still there is disposed of by the scan).
+    async fn finish_disposals(&self) {
+        let spool = self.spool.clone();
+        let destroyed = match tokio::task::spawn_blocking(move || finish_destroying(&spool)).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                self.error(format!(
+                    "spool {}: cannot finish destroying a file: {e}",
+                    self.spool.display()
+                ));
+                Vec::new()
+            }
+            Err(e) => {
+                self.error(format!("spool {}: {e}", self.spool.display()));
+                Vec::new()
+            }
+        };
+        for sha in destroyed {
+            // Another source's file when sources share a spool: the ledger knows each by hash.
+            let Ok(Some(entry)) = self.outbox.file_lookup(sha.clone()).await else {
+                continue;
+            };
+            let how = "overwritten with zeros, synced and unlinked (finished at start: the last run stopped part-way)";
+            self.disposed_at_start(entry, how.to_string()).await;
+        }
+        let committed = match self.outbox.files_committed(self.id.to_string()).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.error(format!("file ledger: {e}"));
+                return;
+            }
+        };
+        for entry in committed {
+            if self.spool.join(&entry.name).exists() {
+                continue;
+            }
+            let how = "not in the spool at start: disposed of before the last run stopped, or removed by hand";
+            self.disposed_at_start(entry, how.to_string()).await;
+        }
+    }
+
+    async fn disposed_at_start(&self, entry: FileEntry, how: String) {
+        let path = self.spool.join(&entry.name);
+        if let Some(m) = self.marker_of(&path).filter(|_| !path.exists()) {
+            let _ = std::fs::remove_file(m);
+        }
+        tracing::info!(source = %self.id, file = %entry.name, "{how}");
+        if let Err(e) = self.outbox.file_disposed(entry.sha256, how).await {
+            self.error(format!("{}: file ledger: {e}", entry.name));
+        }
     }
 
     /// Files left unfinished by the last run: completes those whose records are committed,
@@ -400,12 +456,12 @@ impl FileSource {
         let name = file_name(path);
         let (after, move_to, marker) = (self.after, self.move_to.clone(), self.marker_of(path));
         let owned = path.to_path_buf();
-        let short = sha[..12.min(sha.len())].to_string();
+        let sha_owned = sha.to_string();
         let done = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
             let how = match (after, move_to) {
-                (AfterIngest::Move, Some(dir)) => move_into(&owned, &dir, &short)?,
+                (AfterIngest::Move, Some(dir)) => move_into(&owned, &dir, &sha_owned)?,
                 _ => {
-                    destroy(&owned)?;
+                    destroy(&owned, &sha_owned)?;
                     "overwritten with zeros, synced and unlinked".to_string()
                 }
             };
@@ -447,15 +503,7 @@ impl FileSource {
             let ent = ent?;
             let name = ent.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.')
-                || name.ends_with(".tmp")
-                || name.ends_with(".part")
-                || self
-                    .marker
-                    .as_ref()
-                    .is_some_and(|m| name.ends_with(m.as_str()))
-                || !glob(&self.pattern, name)
-            {
+            if !is_export(name, &self.pattern, self.marker.as_deref()) {
                 continue;
             }
             let meta = match ent.metadata() {
@@ -628,10 +676,52 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         .collect())
 }
 
-/// Overwrites the file with zeros, syncs, unlinks it and syncs the directory. On flash with
+/// What a spool file is renamed to before it is overwritten (followed by its SHA-256). A crash
+/// part-way through the overwrite then leaves a dot name that the scan passes over and the next
+/// start finishes destroying, never a half-zeroed export under its own name: that one looked
+/// like a new file, was rejected for its header and stayed in the spool with the rest of its
+/// rows (the crash loop caught it under load).
+const DESTROYING: &str = ".shuyuan-destroying-";
+
+/// Destroys a spool file whose records are committed: renames it out of the scan's sight
+/// (see [`DESTROYING`]), then overwrites it with zeros, syncs and unlinks it. On flash with
 /// wear levelling or a copy-on-write file system the old blocks may survive the overwrite
 /// (see docs/operations.md); the unlink always happens.
-pub fn destroy(path: &Path) -> std::io::Result<()> {
+pub fn destroy(path: &Path, sha: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let hidden = dir.join(format!("{DESTROYING}{sha}"));
+    // Left by a crash and not finished yet: renaming over it would unlink it unwiped.
+    if hidden.exists() {
+        overwrite_and_unlink(&hidden)?;
+    }
+    std::fs::rename(path, &hidden)?;
+    sync_dir(dir);
+    overwrite_and_unlink(&hidden)
+}
+
+/// Finishes what a crash left part-way through [`destroy`] in `spool`: the SHA-256 of each
+/// file destroyed now.
+pub fn finish_destroying(spool: &Path) -> std::io::Result<Vec<String>> {
+    let mut done = Vec::new();
+    let rd = match std::fs::read_dir(spool) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
+        Err(e) => return Err(e),
+    };
+    for ent in rd {
+        let ent = ent?;
+        let name = ent.file_name();
+        let Some(sha) = name.to_str().and_then(|n| n.strip_prefix(DESTROYING)) else {
+            continue;
+        };
+        let sha = sha.to_string();
+        overwrite_and_unlink(&ent.path())?;
+        done.push(sha);
+    }
+    Ok(done)
+}
+
+fn overwrite_and_unlink(path: &Path) -> std::io::Result<()> {
     if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(path) {
         let len = f.metadata()?.len();
         let zeros = vec![0u8; 1 << 20];
@@ -645,33 +735,52 @@ pub fn destroy(path: &Path) -> std::io::Result<()> {
     }
     std::fs::remove_file(path)?;
     if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        sync_dir(dir);
     }
     Ok(())
 }
 
-/// Moves the file into `dir` (a name already there gets the hash appended); across file
-/// systems, copies, syncs and destroys the original.
-fn move_into(path: &Path, dir: &Path, short_sha: &str) -> std::io::Result<String> {
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Moves the file into `dir` (a name already there gets the start of the hash appended);
+/// across file systems, copies under a temporary name, syncs, renames and destroys the
+/// original, so that a crash never leaves a partial copy under the file's name.
+fn move_into(path: &Path, dir: &Path, sha: &str) -> std::io::Result<String> {
     std::fs::create_dir_all(dir)?;
     let name = file_name(path);
     let mut to = dir.join(&name);
     if to.exists() {
-        to = dir.join(format!("{name}.{short_sha}"));
+        to = dir.join(format!("{name}.{}", &sha[..12.min(sha.len())]));
     }
     match std::fs::rename(path, &to) {
-        Ok(()) => {}
+        Ok(()) => sync_dir(dir),
         Err(e) if e.raw_os_error() == Some(18) => {
             // EXDEV: another file system.
-            std::fs::copy(path, &to)?;
-            std::fs::File::open(&to)?.sync_all()?;
-            destroy(path)?;
+            let part = dir.join(format!(".{name}.part"));
+            std::fs::copy(path, &part)?;
+            std::fs::File::open(&part)?.sync_all()?;
+            std::fs::rename(&part, &to)?;
+            sync_dir(dir);
+            destroy(path, sha)?;
         }
         Err(e) => return Err(e),
     }
     Ok(format!("moved to {}", to.display()))
+}
+
+/// Whether a spool entry's name is an export this source takes: not hidden (a dot name, which
+/// includes files being destroyed), not a partial or temporary file, not a marker, and
+/// matching the pattern.
+fn is_export(name: &str, pattern: &str, marker: Option<&str>) -> bool {
+    !(name.starts_with('.')
+        || name.ends_with(".tmp")
+        || name.ends_with(".part")
+        || marker.is_some_and(|m| name.ends_with(m)))
+        && glob(pattern, name)
 }
 
 /// `*` matches any run of characters, `?` one character.
@@ -721,12 +830,56 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.csv");
         std::fs::write(&p, b"secret row\n").unwrap();
-        destroy(&p).unwrap();
+        destroy(&p, "aa11").unwrap();
         assert!(!p.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         let q = dir.path().join("y.csv");
         std::fs::write(&q, b"row\n").unwrap();
         let how = move_into(&q, &dir.path().join("done"), "abc").unwrap();
         assert!(how.contains("done"));
         assert!(dir.path().join("done/y.csv").exists());
+    }
+
+    #[test]
+    fn a_destruction_cut_short_is_out_of_the_scans_sight_and_finished_later() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a crash part-way through the overwrite leaves: the first block zeroed, the rest
+        // of the export (rows with personal data) still there, under the destroying name.
+        let mut half = vec![0u8; 4096];
+        half.extend_from_slice("310101199001011234,13800138000\n".repeat(100).as_bytes());
+        let hidden = dir.path().join(format!("{DESTROYING}bb22"));
+        std::fs::write(&hidden, &half).unwrap();
+        std::fs::write(dir.path().join("next.csv"), b"a,b\n").unwrap();
+        assert!(
+            !is_export(&format!("{DESTROYING}bb22"), "*", None),
+            "the scan passes it over"
+        );
+        assert!(is_export("next.csv", "*", None));
+
+        // A later file of the same content wipes it first: renaming over it would unlink it
+        // with the rows still on disk (a second link shows the blocks' content).
+        let link = dir.path().join(".link");
+        std::fs::hard_link(&hidden, &link).unwrap();
+        let again = dir.path().join("again.csv");
+        std::fs::write(&again, b"a,b\n").unwrap();
+        destroy(&again, "bb22").unwrap();
+        assert!(!hidden.exists() && !again.exists());
+        let left = std::fs::read(&link).unwrap();
+        assert_eq!(left.len(), half.len());
+        assert!(left.iter().all(|&b| b == 0), "wiped before it went");
+        std::fs::remove_file(&link).unwrap();
+
+        // The next start finishes what is left.
+        std::fs::write(&hidden, &half).unwrap();
+        assert_eq!(
+            finish_destroying(dir.path()).unwrap(),
+            vec!["bb22".to_string()]
+        );
+        assert!(!hidden.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "only next.csv is left"
+        );
     }
 }
