@@ -678,9 +678,9 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 /// What a spool file is renamed to before it is overwritten (followed by its SHA-256). A crash
 /// part-way through the overwrite then leaves a dot name that the scan passes over and the next
-/// start finishes destroying, never a half-zeroed export under its own name: that one looked
-/// like a new file, was rejected for its header and stayed in the spool with the rest of its
-/// rows (the crash loop caught it under load).
+/// start finishes destroying, never a half-zeroed export under its own name: that one had a
+/// new hash, so it looked like a new file, unreadable (its header zeroed), and stayed in the
+/// spool with the rest of its rows.
 const DESTROYING: &str = ".shuyuan-destroying-";
 
 /// Destroys a spool file whose records are committed: renames it out of the scan's sight
