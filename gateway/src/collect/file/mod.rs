@@ -172,27 +172,23 @@ impl FileSource {
     /// spool are recorded as disposed (one still there is disposed of by the scan).
     async fn finish_disposals(&self) {
         let spool = self.spool.clone();
-        let destroyed = match tokio::task::spawn_blocking(move || finish_destroying(&spool)).await {
-            Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
+        let destroyed = tokio::task::spawn_blocking(move || finish_destroying(&spool))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .unwrap_or_else(|e| {
                 self.error(format!(
                     "spool {}: cannot finish destroying a file: {e}",
                     self.spool.display()
                 ));
                 Vec::new()
-            }
-            Err(e) => {
-                self.error(format!("spool {}: {e}", self.spool.display()));
-                Vec::new()
-            }
-        };
+            });
         for sha in destroyed {
             // Another source's file when sources share a spool: the ledger knows each by hash.
             let Ok(Some(entry)) = self.outbox.file_lookup(sha.clone()).await else {
                 continue;
             };
             let how = "overwritten with zeros, synced and unlinked (finished at start: the last run stopped part-way)";
-            self.disposed_at_start(entry, how.to_string()).await;
+            self.disposed_at_start(entry, how).await;
         }
         let committed = match self.outbox.files_committed(self.id.to_string()).await {
             Ok(c) => c,
@@ -206,17 +202,21 @@ impl FileSource {
                 continue;
             }
             let how = "not in the spool at start: disposed of before the last run stopped, or removed by hand";
-            self.disposed_at_start(entry, how.to_string()).await;
+            self.disposed_at_start(entry, how).await;
         }
     }
 
-    async fn disposed_at_start(&self, entry: FileEntry, how: String) {
+    async fn disposed_at_start(&self, entry: FileEntry, how: &str) {
         let path = self.spool.join(&entry.name);
         if let Some(m) = self.marker_of(&path).filter(|_| !path.exists()) {
             let _ = std::fs::remove_file(m);
         }
         tracing::info!(source = %self.id, file = %entry.name, "{how}");
-        if let Err(e) = self.outbox.file_disposed(entry.sha256, how).await {
+        if let Err(e) = self
+            .outbox
+            .file_disposed(entry.sha256, how.to_string())
+            .await
+        {
             self.error(format!("{}: file ledger: {e}", entry.name));
         }
     }
@@ -714,9 +714,8 @@ pub fn finish_destroying(spool: &Path) -> std::io::Result<Vec<String>> {
         let Some(sha) = name.to_str().and_then(|n| n.strip_prefix(DESTROYING)) else {
             continue;
         };
-        let sha = sha.to_string();
+        done.push(sha.to_string());
         overwrite_and_unlink(&ent.path())?;
-        done.push(sha);
     }
     Ok(done)
 }
