@@ -263,14 +263,30 @@ fields.card = { action = "mask", keep_tail = 2, grade = "personal" }
         "nothing is taken before the marker exists"
     );
     std::fs::write(spool.join("swipes-1.jsonl.done"), b"").unwrap();
+    // The file is moved, then its marker removed, then the move put on the trail: once the
+    // trail has it, the spool holds neither.
+    let moved_on_trail = wait_until(Duration::from_secs(20), || async {
+        audit_kinds(&world)
+            .iter()
+            .any(|(k, d)| k == "file_disposed" && d["note"].as_str().unwrap().contains("moved to"))
+    })
+    .await;
+    assert!(moved_on_trail, "the move is on the trail");
     assert!(
-        wait_until(Duration::from_secs(20), || async {
-            world.path().join("ingested/swipes-1.jsonl").exists()
-        })
-        .await,
+        world.path().join("ingested/swipes-1.jsonl").exists(),
         "moved after ingestion"
     );
     assert!(!spool.join("swipes-1.jsonl").exists() && !spool.join("swipes-1.jsonl.done").exists());
+    // Disposal follows the commit to the outbox, not the upload: the records may still be on
+    // their way.
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            rx.records(GATEWAY_ID).len() >= 50
+        })
+        .await,
+        "all rows delivered ({} so far)",
+        rx.records(GATEWAY_ID).len()
+    );
     let recs = rx.records(GATEWAY_ID);
     assert_eq!(recs.len(), 50);
     // The record time is the row's own (UTC+8 by default), not the time of ingestion.
@@ -280,14 +296,6 @@ fields.card = { action = "mask", keep_tail = 2, grade = "personal" }
         recs[3]["fields"].get("line").is_none(),
         "unlisted: default deny"
     );
-    // The move happens first, then its entry on the trail.
-    let moved_on_trail = wait_until(Duration::from_secs(10), || async {
-        audit_kinds(&world)
-            .iter()
-            .any(|(k, d)| k == "file_disposed" && d["note"].as_str().unwrap().contains("moved to"))
-    })
-    .await;
-    assert!(moved_on_trail, "the move is on the trail");
     gw.shutdown().await.unwrap();
     rx.shutdown().await;
 }
